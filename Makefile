@@ -1,0 +1,26 @@
+# Set-up is part of every target: a fresh machine needs only python3 (>= 3.10) and make.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup bench test overhead clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[all,dev]"
+	touch $(STAMP)
+
+bench: setup  ## the main job: SSR against Avalanche's baselines on the embedded digits data
+	$(VENV)/bin/lightning-ssr bench
+
+test: setup  ## the test suite (CPU only, offline, W&B in offline mode)
+	$(PY) -m pytest -q
+
+overhead: setup  ## the callback's time overhead, side by side
+	$(PY) benchmarks/callback_overhead.py
+
+clean:
+	rm -rf $(VENV) lightning_logs wandb bench_results

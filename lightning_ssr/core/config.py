@@ -1,0 +1,174 @@
+"""The hyperparameters of the SSR mechanism, validated once for every front end."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+__all__ = ["ActivityFn", "SSRConfig"]
+
+ActivityFn = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+_ACTIVITIES = ("relu", "abs", "square")
+_SET_POINTS = ("self", "layer_mean")
+_IMPORTANCES = ("activity", "activity_grad")
+_PROTECTIONS = ("gradient", "update", "penalty")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                  high_open: bool = False, integer: bool = False) -> None:
+    kind = "an int" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise TypeError(f"`{name}` must be {kind}, got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value!r}")
+    lo_ok = value > low if low_open else value >= low
+    hi_ok = value < high if high_open else value <= high
+    if not (lo_ok and hi_ok):
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        raise ValueError(f"`{name}` must be in {lb}{low}, {high}{hb}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class SSRConfig:
+    """Hyperparameters of Synaptic Scaling Regularization, shared by every front end.
+
+    Every field is checked when the config is built; an error names the field, what is allowed
+    and what was received. A rate or strength of ``0`` switches its part of the mechanism off, so
+    an ablation is one changed field.
+
+    Args:
+        activity: the firing-rate proxy ``phi`` applied to each tracked layer's output:
+            ``"relu"``, ``"abs"``, ``"square"`` or a callable on tensors. Default: ``"relu"``.
+        tau: time constant, in optimizer steps, of each neuron's long-run activity (an
+            exponential moving average). Default: ``100.0``.
+        update_every: apply homeostatic scaling every ``k`` optimizer steps. Default: ``1``.
+        set_point: each neuron's target activity: a float (the proposal's ``a_target``),
+            ``"self"`` (the neuron's own long-run activity at the end of the warm-up) or
+            ``"layer_mean"`` (the mean long-run activity of its layer: load balancing).
+            Default: ``"self"``.
+        warmup_steps: optimizer steps of each task during which activity is measured but no
+            scaling is applied; with ``set_point="self"`` the set points are taken at its end.
+            Default: ``20``.
+        scaling_rate: ``eta_scale`` of the scaling rule ``f_i = 1 + eta_scale * (s_i - a_i)``;
+            ``0`` disables activity scaling. Default: ``0.0``.
+        norm_rate: rate at which each neuron's incoming-weight norm is pulled back to its set
+            point (synaptic-total homeostasis); ``0`` disables it. Default: ``0.0``.
+        max_change: bound on the fractional change of any weight in one update, in ``(0, 1)``.
+            Default: ``0.01``.
+        remeasure_set_points: with ``set_point="self"``, measure new set points in the warm-up
+            of every task (``True``) or keep those of the first task (``False``). Default: ``True``.
+        consolidation: strength ``lambda`` of the protection of important neurons; ``0``
+            disables consolidation. Default: ``1.0``.
+        importance: what makes a neuron important at the end of a task: ``"activity"`` (its
+            mean activity relative to its layer) or ``"activity_grad"`` (its incoming
+            ``|w * grad|`` relative to its layer). Default: ``"activity"``.
+        protection: how important neurons are protected: ``"gradient"`` (gradients of their
+            incoming and outgoing weights divided by ``1 + lambda * importance``), ``"update"``
+            (the optimizer's change to those weights divided likewise, which also holds under
+            Adam) or ``"penalty"`` (a loss term, only where the front end owns the loss).
+            Default: ``"update"``.
+        gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
+            input columns). Default: ``True``.
+        scale_bias: scale a neuron's bias with its incoming weights. Default: ``True``.
+        eps: numerical floor for divisions. Default: ``1e-8``.
+
+    Example:
+        >>> cfg = SSRConfig(scaling_rate=0.01, consolidation=5.0)
+        >>> cfg.tau
+        100.0
+        >>> SSRConfig(tau=0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `tau` must be in [1.0, inf], got 0.5
+    """
+
+    activity: ActivityFn = "relu"
+    tau: float = 100.0
+    update_every: int = 1
+    set_point: Union[str, float] = "self"
+    warmup_steps: int = 20
+    scaling_rate: float = 0.0
+    norm_rate: float = 0.0
+    max_change: float = 0.01
+    remeasure_set_points: bool = True
+    consolidation: float = 1.0
+    importance: str = "activity"
+    protection: str = "update"
+    gate_outgoing: bool = True
+    scale_bias: bool = True
+    eps: float = field(default=1e-8)
+
+    def __post_init__(self) -> None:
+        if not callable(self.activity):
+            _check_choice("activity", self.activity, _ACTIVITIES)
+        _check_number("tau", self.tau, 1.0, math.inf)
+        self.tau = float(self.tau)
+        _check_number("update_every", self.update_every, 1, math.inf, integer=True)
+        if isinstance(self.set_point, str):
+            _check_choice("set_point", self.set_point, _SET_POINTS)
+        else:
+            _check_number("set_point", self.set_point, 0.0, math.inf, low_open=False)
+        _check_number("warmup_steps", self.warmup_steps, 0, math.inf, integer=True)
+        _check_number("scaling_rate", self.scaling_rate, 0.0, 10.0)
+        _check_number("norm_rate", self.norm_rate, 0.0, 1.0)
+        _check_number("max_change", self.max_change, 0.0, 1.0, low_open=True, high_open=True)
+        _check_number("consolidation", self.consolidation, 0.0, math.inf)
+        _check_choice("importance", self.importance, _IMPORTANCES)
+        _check_choice("protection", self.protection, _PROTECTIONS)
+        _check_number("eps", self.eps, 0.0, 1.0, low_open=True)
+        for flag in ("remeasure_set_points", "gate_outgoing", "scale_bias"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"`{flag}` must be a bool, got {getattr(self, flag)!r}")
+
+    @classmethod
+    def from_kwargs(cls, config: SSRConfig | None = None, **kwargs: Any) -> SSRConfig:
+        """Build a config from an optional base and keyword overrides, rejecting unknown keys.
+
+        Example:
+            >>> SSRConfig.from_kwargs(scaling_rate=0.1).scaling_rate
+            0.1
+            >>> SSRConfig.from_kwargs(rate=0.1)
+            Traceback (most recent call last):
+            ...
+            TypeError: Unexpected keyword arguments: ['rate']; SSR hyperparameters are: [...]
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in kwargs if k not in names)
+        if unknown:
+            raise TypeError(f"Unexpected keyword arguments: {unknown}; SSR hyperparameters are: {names}")
+        if config is not None and not isinstance(config, SSRConfig):
+            raise TypeError(f"`config` must be an SSRConfig or None, got {type(config).__name__}")
+        base = dataclasses.asdict(config) if config is not None else {}
+        if config is not None:
+            base["activity"] = config.activity  # asdict would not copy a callable faithfully
+        base.update(kwargs)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dictionary (a callable activity is written by its name)."""
+        out = dataclasses.asdict(self)
+        if callable(self.activity):
+            out["activity"] = getattr(self.activity, "__name__", repr(self.activity))
+        return out
+
+    def replace(self, **changes: Any) -> SSRConfig:
+        """A copy with some fields changed (validated again)."""
+        return SSRConfig.from_kwargs(self, **changes)
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> SSRConfig:
+    """Build an :class:`SSRConfig` from a mapping, e.g. one read back from JSON."""
+    return SSRConfig.from_kwargs(**dict(values))

@@ -1,0 +1,47 @@
+"""Shared tiny models, data and settings for the test suite (CPU, offline, seconds per test)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(1)
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+needs_fmnist = pytest.mark.skipif(
+    not os.path.isdir(FMNIST_DIR), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+)
+
+
+def tiny_mlp(n_in: int = 8, hidden: int = 16, n_out: int = 3) -> nn.Sequential:
+    """A two-hidden-layer MLP with module activations."""
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+
+class FunctionalMLP(nn.Module):
+    """The same MLP with functional activations (no ReLU modules)."""
+
+    def __init__(self, n_in: int = 8, hidden: int = 16, n_out: int = 3) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(n_in, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def tiny_cnn(n_out: int = 3) -> nn.Sequential:
+    """A small CNN on 1x8x8 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 8 * 8, n_out),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
