@@ -1,7 +1,13 @@
-"""lightning_ssr: Synaptic Scaling Regularization for PyTorch Lightning."""
+"""lightning_ssr: Synaptic Scaling Regularization for PyTorch Lightning.
 
+The mechanism lives once, in :mod:`lightning_ssr.core` (plain PyTorch); the Lightning callback
+:class:`SynapticScaling`, the normalization layers and the Avalanche plugin
+(:mod:`lightning_ssr.avalanche`) are thin front ends over it.
+"""
+
+from lightning_ssr.callback import SynapticScaling
 from lightning_ssr.core import SSRConfig, SSREngine
 
 __version__ = "0.1.0"
 
-__all__ = ["SSRConfig", "SSREngine", "__version__"]
+__all__ = ["SSRConfig", "SSREngine", "SynapticScaling", "__version__"]

@@ -96,6 +96,9 @@ class LayerState:
 class SSREngine:
     """Synaptic Scaling Regularization on the Linear/Conv layers of any ``nn.Module``.
 
+    Only training forwards are sensed: the module in train mode with autograd enabled (an
+    evaluation pass, or a ``torch.no_grad()`` probe, does not count as activity).
+
     The engine keeps, per neuron, float32 statistics of its activity (``phi`` of the layer's
     output averaged over batch and positions), a set point, an importance and a few sums: O(neurons)
     state, never O(weights). It changes weights only in place under ``torch.no_grad()``, so
@@ -180,13 +183,13 @@ class SSREngine:
         want_live = self.config.protection == "penalty" and self.config.consolidation > 0
 
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            if not module.training or not isinstance(output, Tensor):
+            if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Tensor):
                 return
             if output.device != st.device:
                 st.to(output.device)
             st.acc.add_(rules.neuron_activity(output, phi, cdim))
             st.acc_count += 1
-            if want_live and self.tasks > 0 and torch.is_grad_enabled():
+            if want_live and self.tasks > 0:
                 a = phi(output.float())
                 dims = [d for d in range(a.dim()) if d != (cdim % a.dim())]
                 st.live = a.mean(dim=dims)

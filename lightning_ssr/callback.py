@@ -1,0 +1,280 @@
+"""``SynapticScaling``: SSR as a Lightning callback, for any LightningModule, unchanged."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ssr.core.config import SSRConfig
+from lightning_ssr.core.engine import NonFiniteActivityWarning, SSREngine
+from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES
+
+__all__ = ["SynapticScaling"]
+
+
+def _check_types(layer_types: Any) -> tuple[type[nn.Module], ...]:
+    if isinstance(layer_types, type):
+        layer_types = (layer_types,)
+    try:
+        types = tuple(layer_types)
+    except TypeError:
+        types = ()
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise TypeError(f"`layer_types` must be a non-empty sequence of nn.Module subclasses, got {layer_types!r}")
+    return types
+
+
+def _check_patterns(name: str, patterns: Any) -> Optional[tuple[str, ...]]:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"`{name}` must be a string or a sequence of strings (fnmatch patterns), got {patterns!r}")
+    return tuple(patterns)
+
+
+class SynapticScaling(Callback):
+    r"""Synaptic Scaling Regularization for any LightningModule, as a callback.
+
+    A forward hook on each tracked layer (Linear and Conv1d/2d/3d by default) senses every
+    neuron's activity :math:`\phi(z)` averaged over batch and positions, where :math:`z` is the
+    layer's output, so module and functional activations work alike. After every real optimizer
+    step (none under gradient accumulation's intermediate batches or when AMP skips a step) the
+    shared :class:`~lightning_ssr.core.engine.SSREngine` updates each neuron's long-run activity
+    and scales its incoming weights toward its set point:
+
+    .. math::
+        w_{ij} \leftarrow w_{ij} \cdot \mathrm{clip}\big(1 + \eta_{scale}(s_i - \bar a_i),\ 1 \pm m\big)
+
+    At the end of each ``fit`` (one ``fit`` per task, with the same callback) or on
+    :meth:`consolidate`, what each neuron carried becomes its importance; while later tasks train,
+    the changes to important neurons' incoming and outgoing weights are divided by
+    ``1 + lambda * importance`` in ``on_before_optimizer_step`` (after DDP's gradient all-reduce and
+    AMP unscaling; a callback cannot change the loss, so ``protection="penalty"`` is refused here).
+
+    The output layer (the last Linear/Conv registered, with its ModuleDict/ModuleList siblings) is
+    not tracked by default: its units are logits, not firing rates, and scaling them changes the
+    classifier's calibration rather than a neuron's excitability. It is still protected as the
+    consumer of the last hidden layer.
+
+    Non-finite activity never reaches the weights: such an update is skipped with a
+    :class:`~lightning_ssr.core.engine.NonFiniteActivityWarning`.
+
+    Args:
+        config: hyperparameters; fields may also be given as keyword arguments, which override
+            it. Default: ``SSRConfig()``.
+        layer_types: module types whose neurons are tracked. Default: Linear, Conv1d/2d/3d.
+        include: ``fnmatch`` patterns of layer names to track (each must match a layer).
+            Default: ``None`` (all but the output layer).
+        exclude: patterns of layers never tracked. Default: ``()``.
+        track_output: track the output layer too. Default: ``False``.
+        consolidate_on_fit_end: consolidate when each ``fit`` ends. Default: ``True``.
+        log_diagnostics: log per-layer ``activity``, ``deviation`` (mean absolute distance to the
+            set point) and scale factors under ``ssr/<layer>/...`` every ``log_every_n_steps``.
+            Default: ``True``.
+        drive_norm_layers: call ``homeostatic_step()`` of every :class:`~lightning_ssr.SSRNorm2d`
+            (and 1d/3d) in the model after each real optimizer step, instead of letting them
+            update themselves in their forward. Default: ``False``.
+        **hparams: fields of :class:`~lightning_ssr.SSRConfig` (``scaling_rate``, ``tau``, ...).
+
+    Raises:
+        TypeError / ValueError: at construction, for any invalid argument (the message names it,
+            the allowed values and the value received); at setup, for a model without a trackable
+            layer, a pattern that matches nothing, or a strategy that shards the model.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_ssr import SynapticScaling
+        >>> cb = SynapticScaling(scaling_rate=0.01, consolidation=5.0)
+        >>> trainer = L.Trainer(callbacks=[cb], max_epochs=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False)
+        >>> SynapticScaling(tau=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: `tau` must be in [1.0, inf], got -1
+    """
+
+    def __init__(
+        self,
+        config: SSRConfig | None = None,
+        *,
+        layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        track_output: bool = False,
+        consolidate_on_fit_end: bool = True,
+        log_diagnostics: bool = True,
+        drive_norm_layers: bool = False,
+        **hparams: Any,
+    ) -> None:
+        super().__init__()
+        self.config = SSRConfig.from_kwargs(config, **hparams)
+        if self.config.protection == "penalty":
+            raise ValueError(
+                "`protection` must be 'gradient' or 'update' in the SynapticScaling callback (a callback "
+                "cannot change the loss), got 'penalty'; use the Avalanche SSRPlugin or "
+                "`SSREngine.penalty()` in your own training_step for the penalty form"
+            )
+        self.layer_types = _check_types(layer_types)
+        self.include = _check_patterns("include", include)
+        self.exclude = _check_patterns("exclude", exclude) or ()
+        for flag, value in (("track_output", track_output), ("consolidate_on_fit_end", consolidate_on_fit_end),
+                            ("log_diagnostics", log_diagnostics), ("drive_norm_layers", drive_norm_layers)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{flag}` must be a bool, got {value!r}")
+        self.track_output = track_output
+        self.consolidate_on_fit_end = consolidate_on_fit_end
+        self.log_diagnostics = log_diagnostics
+        self.drive_norm_layers = drive_norm_layers
+        self.engine: Optional[SSREngine] = None
+        self._pending_state: Optional[dict[str, Any]] = None
+        self._step_hooks: list[Any] = []
+        self._last_diagnostics: dict[str, dict[str, Tensor]] = {}
+        self._trainer: Optional[pl.Trainer] = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude, track_output=self.track_output)
+
+    # ---------------------------------------------------------------- set-up
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__.startswith("DeepSpeed"):
+            raise ValueError(
+                f"SynapticScaling supports single-device and DDP strategies (each replica holds the whole "
+                f"model), got {type(strategy).__name__}: a sharded model has no whole weight rows to scale"
+            )
+        self._trainer = trainer
+        if self.engine is None or self.engine.model is not pl_module:
+            self.engine = SSREngine(
+                pl_module, self.config, layer_types=self.layer_types, include=self.include,
+                exclude=self.exclude, track_output=self.track_output,
+            )
+            rank_zero_info(f"SynapticScaling tracks {len(self.engine.layers)} layers: {list(self.engine.layers)}")
+        self.engine.reduce_fn = self._reduce if trainer.world_size > 1 else None
+        if self._pending_state is not None:
+            self.engine.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self.engine.attach()
+
+    def _reduce(self, tensor: Tensor) -> Tensor:
+        if self._trainer is None:
+            raise RuntimeError("SynapticScaling reduced activity outside of a fit")
+        return self._trainer.strategy.reduce(tensor, reduce_op="mean")
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_step_hooks()
+        for opt in trainer.optimizers:
+            self._step_hooks.append(opt.register_step_post_hook(self._after_optimizer_step))
+
+    def _remove_step_hooks(self) -> None:
+        for h in self._step_hooks:
+            h.remove()
+        self._step_hooks.clear()
+
+    # ------------------------------------------------------------- the steps
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.sanity_checking or self.engine is None:
+            return
+        self.engine.before_step()
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Runs only when ``optimizer.step()`` really ran (not on AMP-skipped or accumulating batches)."""
+        if self.engine is None:
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NonFiniteActivityWarning)
+            diagnostics = self.engine.after_step()
+        for w in caught:
+            rank_zero_warn(str(w.message), category=NonFiniteActivityWarning)
+        if diagnostics:
+            self._last_diagnostics = diagnostics
+        if self.drive_norm_layers:
+            for m in self.engine.model.modules():
+                step = getattr(m, "homeostatic_step", None)
+                if callable(step):
+                    step()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.log_diagnostics or not self._last_diagnostics or trainer.logger is None:
+            return
+        if trainer.global_step % max(trainer.log_every_n_steps, 1):
+            return
+        metrics = {
+            f"ssr/{layer}/{key}": value.float()
+            for layer, diag in self._last_diagnostics.items()
+            for key, value in diag.items()
+        }
+        metrics["ssr/skipped_updates"] = torch.tensor(float(self.engine.skipped)) if self.engine else torch.tensor(0.0)
+        self._last_diagnostics = {}
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    # --------------------------------------------------------- consolidation
+    def consolidate(self) -> None:
+        """End the current task now: importance and set points absorb what it used.
+
+        Called automatically when each ``fit`` ends (``consolidate_on_fit_end=True``); call it
+        yourself when one ``fit`` spans several tasks. Users may override it to add work.
+
+        Raises:
+            RuntimeError: when no ``fit`` has set the callback up yet.
+        """
+        if self.engine is None:
+            raise RuntimeError("SynapticScaling.consolidate() needs a model: call it after trainer.fit() set it up")
+        self.engine.consolidate()
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.consolidate_on_fit_end and self.engine is not None and self.engine.task_step > 0:
+            self.consolidate()
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self._remove_step_hooks()
+        if self.engine is not None:
+            self.engine.detach()
+        self._trainer = None
+
+    # ----------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is None:
+            return dict(self._pending_state or {})
+        return self.engine.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.engine is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self.engine.load_state_dict(state_dict)
+
+    def extra_state_bytes(self) -> int:
+        """Bytes of SSR state beyond the model (O(neurons)); 0 before set-up."""
+        return self.engine.extra_state_bytes() if self.engine is not None else 0

@@ -1,0 +1,299 @@
+"""The SynapticScaling callback on real Lightning Trainers with tiny models."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+from torch.testing import assert_close
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import FunctionalMLP, tiny_cnn, tiny_mlp
+from lightning_ssr import SSRConfig, SynapticScaling
+from lightning_ssr.core import NonFiniteActivityWarning
+
+HERE = Path(__file__).parent
+
+
+class Classifier(L.LightningModule):
+    """A plain LightningModule, unaware of SSR."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05, skip_every: int = 0) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.skip_every = skip_every
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if self.skip_every and batch_idx % self.skip_every == 0:
+            optimizer_closure()  # run forward/backward but do not step, as AMP does on inf gradients
+            return
+        optimizer.step(closure=optimizer_closure)
+
+
+def _loader(n: int = 128, shape: tuple[int, ...] = (8,), batch_size: int = 16, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def _trainer(callbacks, tmp_path: Path | None = None, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    defaults.update(kwargs)
+    if tmp_path is not None:
+        defaults.setdefault("default_root_dir", str(tmp_path))
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(tiny_mlp, (8,)), (FunctionalMLP, (8,)), (tiny_cnn, (1, 8, 8))],
+    ids=["mlp", "functional-mlp", "cnn"],
+)
+def test_callback_moves_activity_toward_set_point(make, shape) -> None:
+    model = Classifier(make(), lr=0.0)  # no task learning: only homeostasis acts
+    cb = SynapticScaling(scaling_rate=1.0, set_point=0.02, warmup_steps=0, max_change=0.05, tau=1.0)
+    loader = _loader(shape=shape)
+    x = next(iter(loader))[0]
+    first = next(m for m in model.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    with torch.no_grad():
+        before = torch.relu(first(x)).mean().item()
+    _trainer([cb], max_epochs=3).fit(model, loader)
+    with torch.no_grad():
+        after = torch.relu(first(x)).mean().item()
+    assert before > 0.05
+    assert abs(after - 0.02) < abs(before - 0.02) * 0.5, (before, after)
+    assert cb.engine.step == 3 * 8
+
+
+def test_updates_only_when_the_optimizer_stepped() -> None:
+    cb = SynapticScaling(scaling_rate=0.1)
+    _trainer([cb], accumulate_grad_batches=4).fit(Classifier(tiny_mlp()), _loader(n=128))
+    assert cb.engine.step == 2  # 8 batches, one step per 4
+
+    cb = SynapticScaling(scaling_rate=0.1)
+    _trainer([cb]).fit(Classifier(tiny_mlp(), skip_every=2), _loader(n=128))
+    assert cb.engine.step == 4  # batches 0, 2, 4, 6 were skipped
+
+
+def test_bf16_mixed_keeps_float32_statistics() -> None:
+    cb = SynapticScaling(scaling_rate=0.5, set_point=0.1, warmup_steps=0)
+    _trainer([cb], precision="bf16-mixed").fit(Classifier(tiny_mlp()), _loader())
+    for st in cb.engine.layers.values():
+        assert st.activity.dtype == torch.float32
+        assert torch.isfinite(st.activity).all()
+    assert cb.engine.step == 8
+
+
+def test_each_fit_consolidates_a_task_and_protection_slows_important_neurons() -> None:
+    torch.manual_seed(1)
+    net = tiny_mlp()
+    cb = SynapticScaling(consolidation=50.0)
+    model = Classifier(net, lr=0.2)
+    _trainer([cb]).fit(model, _loader(seed=1))
+    assert cb.engine.tasks == 1
+    imp = cb.engine.layers["net.0"].importance
+    assert float(imp.sum()) > 0
+    w_task1 = net[0].weight.detach().clone()
+    net_free = tiny_mlp()
+    net_free.load_state_dict(net.state_dict())
+    _trainer([cb]).fit(model, _loader(seed=2))
+    _trainer([]).fit(Classifier(net_free, lr=0.2), _loader(seed=2))
+    assert cb.engine.tasks == 2
+    moved_protected = (net[0].weight.detach() - w_task1).norm()
+    moved_free = (net_free[0].weight.detach() - w_task1).norm()
+    assert moved_protected < 0.5 * moved_free, (moved_protected, moved_free)
+
+
+def test_public_consolidate_and_error_before_fit() -> None:
+    cb = SynapticScaling()
+    with pytest.raises(RuntimeError, match=r"consolidate\(\) needs a model"):
+        cb.consolidate()
+    cb = SynapticScaling(consolidate_on_fit_end=False)
+    _trainer([cb]).fit(Classifier(tiny_mlp()), _loader())
+    assert cb.engine.tasks == 0
+    cb.consolidate()
+    assert cb.engine.tasks == 1
+
+
+def test_diagnostics_are_logged_through_the_trainer_logger(tmp_path: Path) -> None:
+    cb = SynapticScaling(scaling_rate=0.5, set_point=0.1, warmup_steps=0)
+    logger = CSVLogger(str(tmp_path), name="run")
+    _trainer([cb], logger=logger, log_every_n_steps=2, max_epochs=2).fit(Classifier(tiny_mlp()), _loader())
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    keys = set(rows[0])
+    for layer in ("0", "2"):
+        for k in ("activity", "deviation", "factor_mean", "factor_min", "factor_max"):
+            assert f"ssr/net.{layer}/{k}" in keys
+    factors = [float(r["ssr/net.0/factor_mean"]) for r in rows if r.get("ssr/net.0/factor_mean")]
+    assert len(factors) >= 4 and all(0.99 - 1e-6 <= f <= 1.01 + 1e-6 for f in factors)
+
+
+def test_teardown_leaves_a_plain_model(tmp_path: Path) -> None:
+    model = Classifier(tiny_mlp())
+    keys_before = set(model.state_dict())
+    cb = SynapticScaling(scaling_rate=0.1)
+    _trainer([cb]).fit(model, _loader())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert set(model.state_dict()) == keys_before
+    blob = pickle.dumps(model.net)
+    assert b"lightning_ssr" not in blob
+    path = tmp_path / "net.pt"
+    torch.save(model.net, path)
+    code = (
+        "import sys, torch; sys.modules['lightning_ssr'] = None; "
+        f"net = torch.load({str(path)!r}, weights_only=False); print(net(torch.randn(2, 8)).shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "torch.Size([2, 3])" in out.stdout
+
+
+def test_non_finite_activity_never_reaches_weights() -> None:
+    class Exploding(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if batch_idx == 1:
+                self(x * float("inf"))  # a diverged forward: its activity is sensed, its loss is not used
+            return nn.functional.cross_entropy(self(x), y)
+
+    model = Exploding(tiny_mlp(), lr=0.01)
+    cb = SynapticScaling(scaling_rate=1.0, set_point=0.1, warmup_steps=0)
+    with pytest.warns(NonFiniteActivityWarning, match="skipped update 2"):
+        _trainer([cb]).fit(model, _loader(n=48))
+    assert cb.engine.skipped == 1
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+# ----------------------------------------------------------------- resume
+
+
+def _resume_run(tmp_path: Path, stop: bool) -> tuple[dict, dict]:
+    """Task 1 (one fit), then task 2 over 4 epochs, optionally stopped after 2 and resumed."""
+    L.seed_everything(7)
+    net = tiny_mlp()
+    cb = SynapticScaling(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05)
+    model = Classifier(net, lr=0.1)
+    _trainer([cb]).fit(model, _loader(seed=3))
+    ckpt_dir = tmp_path / ("stop" if stop else "straight")
+    if not stop:
+        _trainer([cb], max_epochs=4).fit(model, _loader(seed=4))
+    else:
+        saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)
+        _trainer([cb, saver], max_epochs=2, enable_checkpointing=True).fit(model, _loader(seed=4))
+        # a new process would start from scratch: a new model and a new callback
+        net2 = tiny_mlp()
+        cb2 = SynapticScaling(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05)
+        model = Classifier(net2, lr=0.1)
+        _trainer([cb2], max_epochs=4).fit(model, _loader(seed=4), ckpt_path=str(ckpt_dir / "last.ckpt"))
+        cb = cb2
+    return {k: v.clone() for k, v in model.state_dict().items()}, cb.engine.state_dict()
+
+
+def test_resume_mid_task_matches_never_stopping(tmp_path: Path) -> None:
+    weights_a, state_a = _resume_run(tmp_path, stop=False)
+    weights_b, state_b = _resume_run(tmp_path, stop=True)
+    for k in weights_a:
+        assert_close(weights_b[k], weights_a[k], rtol=0, atol=0)
+    for key in ("step", "task_step", "tasks", "skipped"):
+        assert state_a[key] == state_b[key]
+    for name, layer in state_a["layers"].items():
+        for key, value in layer.items():
+            if isinstance(value, torch.Tensor):
+                assert_close(state_b["layers"][name][key], value, rtol=0, atol=0, equal_nan=True)
+            else:
+                assert state_b["layers"][name][key] == value
+
+
+# ----------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"protection": "penalty"}, ValueError, r"`protection` must be 'gradient' or 'update' in the SynapticScaling callback"),
+        ({"layer_types": [int]}, TypeError, r"`layer_types` must be a non-empty sequence of nn.Module subclasses"),
+        ({"include": [3]}, TypeError, r"`include` must be a string or a sequence of strings"),
+        ({"track_output": "yes"}, TypeError, r"`track_output` must be a bool, got 'yes'"),
+        ({"scaling_rate": 11}, ValueError, r"`scaling_rate` must be in \[0.0, 10.0\], got 11"),
+        ({"lr": 0.1}, TypeError, r"Unexpected keyword arguments: \['lr'\]"),
+        ({"config": {"tau": 3}}, TypeError, r"`config` must be an SSRConfig or None, got dict"),
+    ],
+)
+def test_construction_errors(kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        SynapticScaling(**kwargs)
+
+
+def test_config_object_and_overrides() -> None:
+    cb = SynapticScaling(SSRConfig(tau=50.0, scaling_rate=0.1), scaling_rate=0.2)
+    assert (cb.config.tau, cb.config.scaling_rate) == (50.0, 0.2)
+
+
+def test_setup_errors_for_models_and_patterns() -> None:
+    class NoLayers(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    with pytest.raises(ValueError, match="No layer to track in NoLayers"):
+        _trainer([SynapticScaling()]).fit(NoLayers(nn.Sequential(nn.ReLU())), _loader())
+    with pytest.raises(ValueError, match=r"`include` pattern 'encoder\.\*' matches no layer; candidate layers are \['net.0', 'net.2', 'net.4'\]"):
+        _trainer([SynapticScaling(include=["encoder.*"])]).fit(Classifier(tiny_mlp()), _loader())
+
+
+def test_sharded_strategy_is_refused() -> None:
+    trainer = _trainer([])
+    # FSDP cannot be constructed on a CPU-only machine; place it where Lightning keeps the strategy
+    trainer._accelerator_connector.strategy = FSDPStrategy()
+    with pytest.raises(ValueError, match="SynapticScaling supports single-device and DDP strategies .* got FSDPStrategy"):
+        SynapticScaling().setup(trainer, Classifier(tiny_mlp()), "fit")
+
+
+# -------------------------------------------------------------------- DDP
+
+
+def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{HERE.parent}:{HERE}"}
+    subprocess.run(
+        [sys.executable, str(HERE / "scripts" / "ddp_train.py"), "--out", str(tmp_path)],
+        check=True, env=env, cwd=tmp_path, timeout=240, capture_output=True,
+    )
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["ssr"]["step"] > 0 and r0["ssr"]["tasks"] == 1
+    for k in r0["params"]:
+        assert_close(r1["params"][k], r0["params"][k], rtol=0, atol=0)
+    for name, layer in r0["ssr"]["layers"].items():
+        for key, value in layer.items():
+            if isinstance(value, torch.Tensor):
+                assert_close(r1["ssr"]["layers"][name][key], value, rtol=0, atol=0, equal_nan=True)
+    # the ranks saw different data: without the cross-process reduction their activity differs
+    assert not torch.equal(r0["local_activity"], r1["local_activity"])
