@@ -140,7 +140,7 @@ class SynapticScaling(Callback):
         self.engine: Optional[SSREngine] = None
         self._pending_state: Optional[dict[str, Any]] = None
         self._step_hooks: list[Any] = []
-        self._last_diagnostics: dict[str, dict[str, Tensor]] = {}
+        self._updated_since_log = False
         self._trainer: Optional[pl.Trainer] = None
 
     @property
@@ -203,11 +203,10 @@ class SynapticScaling(Callback):
             return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NonFiniteActivityWarning)
-            diagnostics = self.engine.after_step()
+            updated = self.engine.after_step()
         for w in caught:
             rank_zero_warn(str(w.message), category=NonFiniteActivityWarning)
-        if diagnostics:
-            self._last_diagnostics = diagnostics
+        self._updated_since_log |= updated
         if self.drive_norm_layers:
             for m in self.engine.model.modules():
                 step = getattr(m, "homeostatic_step", None)
@@ -218,17 +217,17 @@ class SynapticScaling(Callback):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.log_diagnostics or not self._last_diagnostics or trainer.logger is None:
+        if not self.log_diagnostics or not self._updated_since_log or trainer.logger is None or self.engine is None:
             return
         if trainer.global_step % max(trainer.log_every_n_steps, 1):
             return
         metrics = {
-            f"ssr/{layer}/{key}": value.float()
-            for layer, diag in self._last_diagnostics.items()
+            f"ssr/{layer}/{key}": value
+            for layer, diag in self.engine.diagnostics().items()
             for key, value in diag.items()
         }
-        metrics["ssr/skipped_updates"] = torch.tensor(float(self.engine.skipped)) if self.engine else torch.tensor(0.0)
-        self._last_diagnostics = {}
+        metrics["ssr/skipped_updates"] = torch.tensor(float(self.engine.skipped))
+        self._updated_since_log = False
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     # --------------------------------------------------------- consolidation

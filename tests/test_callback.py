@@ -79,7 +79,7 @@ def _trainer(callbacks, tmp_path: Path | None = None, **kwargs) -> L.Trainer:
 )
 def test_callback_moves_activity_toward_set_point(make, shape) -> None:
     model = Classifier(make(), lr=0.0)  # no task learning: only homeostasis acts
-    cb = SynapticScaling(scaling_rate=1.0, set_point=0.02, warmup_steps=0, max_change=0.05, tau=1.0)
+    cb = SynapticScaling(scaling_rate=1.0, set_point=0.02, warmup_steps=0, max_change=0.05, tau=1.0, update_every=1)
     loader = _loader(shape=shape)
     x = next(iter(loader))[0]
     first = next(m for m in model.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
@@ -144,7 +144,7 @@ def test_public_consolidate_and_error_before_fit() -> None:
 
 
 def test_diagnostics_are_logged_through_the_trainer_logger(tmp_path: Path) -> None:
-    cb = SynapticScaling(scaling_rate=0.5, set_point=0.1, warmup_steps=0)
+    cb = SynapticScaling(scaling_rate=0.5, set_point=0.1, warmup_steps=0, update_every=1)
     logger = CSVLogger(str(tmp_path), name="run")
     _trainer([cb], logger=logger, log_every_n_steps=2, max_epochs=2).fit(Classifier(tiny_mlp()), _loader())
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
@@ -185,7 +185,7 @@ def test_non_finite_activity_never_reaches_weights() -> None:
             return nn.functional.cross_entropy(self(x), y)
 
     model = Exploding(tiny_mlp(), lr=0.01)
-    cb = SynapticScaling(scaling_rate=1.0, set_point=0.1, warmup_steps=0)
+    cb = SynapticScaling(scaling_rate=1.0, set_point=0.1, warmup_steps=0, update_every=1)
     with pytest.warns(NonFiniteActivityWarning, match="skipped update 2"):
         _trainer([cb]).fit(model, _loader(n=48))
     assert cb.engine.skipped == 1
@@ -200,7 +200,7 @@ def _resume_run(tmp_path: Path, stop: bool) -> tuple[dict, dict]:
     """Task 1 (one fit), then task 2 over 4 epochs, optionally stopped after 2 and resumed."""
     L.seed_everything(7)
     net = tiny_mlp()
-    cb = SynapticScaling(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05)
+    cb = SynapticScaling(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05, update_every=3)
     model = Classifier(net, lr=0.1)
     _trainer([cb]).fit(model, _loader(seed=3))
     ckpt_dir = tmp_path / ("stop" if stop else "straight")
@@ -211,7 +211,7 @@ def _resume_run(tmp_path: Path, stop: bool) -> tuple[dict, dict]:
         _trainer([cb, saver], max_epochs=2, enable_checkpointing=True).fit(model, _loader(seed=4))
         # a new process would start from scratch: a new model and a new callback
         net2 = tiny_mlp()
-        cb2 = SynapticScaling(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05)
+        cb2 = SynapticScaling(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05, update_every=3)
         model = Classifier(net2, lr=0.1)
         _trainer([cb2], max_epochs=4).fit(model, _loader(seed=4), ckpt_path=str(ckpt_dir / "last.ckpt"))
         cb = cb2

@@ -93,7 +93,7 @@ def test_find_layers_errors() -> None:
 
 def test_sensing_matches_hand_computed_mean_and_ignores_eval() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(tau=10.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, tau=10.0))
     engine.attach()
     x = torch.randn(32, 8)
     net(x)
@@ -119,7 +119,7 @@ def test_sensing_matches_hand_computed_mean_and_ignores_eval() -> None:
 @pytest.mark.parametrize("target", [0.05, 2.0], ids=["too-active", "too-quiet"])
 def test_scaling_moves_activity_toward_set_point(make, target: float) -> None:
     net = make()
-    engine = SSREngine(net, SSRConfig(scaling_rate=1.0, set_point=target, warmup_steps=0, max_change=0.05, tau=1.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=target, warmup_steps=0, max_change=0.05, tau=1.0))
     engine.attach()
     x = torch.randn(64, 8)
     first = next(iter(engine.layers.values()))
@@ -138,7 +138,7 @@ def test_scaling_moves_activity_toward_set_point(make, target: float) -> None:
 
 def test_scaling_is_multiplicative_and_keeps_relative_strengths() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(scaling_rate=1.0, set_point=0.01, warmup_steps=0, tau=1.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=0.01, warmup_steps=0, tau=1.0))
     engine.attach()
     w0 = net[0].weight.detach().clone()
     _train_steps(engine, net, 5, torch.randn(16, 8))
@@ -151,7 +151,7 @@ def test_scaling_is_multiplicative_and_keeps_relative_strengths() -> None:
 
 def test_conv_layers_scale_per_channel() -> None:
     net = tiny_cnn()
-    engine = SSREngine(net, SSRConfig(scaling_rate=1.0, set_point=0.0, warmup_steps=0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=0.0, warmup_steps=0))
     engine.attach()
     w0 = net[0].weight.detach().clone()
     _train_steps(engine, net, 3, torch.randn(8, 1, 8, 8))
@@ -162,7 +162,7 @@ def test_conv_layers_scale_per_channel() -> None:
 
 def test_self_set_points_are_measured_after_warmup() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(scaling_rate=0.5, set_point="self", warmup_steps=3, tau=2.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=0.5, set_point="self", warmup_steps=3, tau=2.0))
     engine.attach()
     _train_steps(engine, net, 3, torch.randn(16, 8))
     assert torch.isnan(engine.layers["0"].set_point).all()
@@ -172,7 +172,7 @@ def test_self_set_points_are_measured_after_warmup() -> None:
 
 def test_layer_mean_set_point_balances_load() -> None:
     net = tiny_mlp(hidden=32)
-    engine = SSREngine(net, SSRConfig(scaling_rate=2.0, set_point="layer_mean", warmup_steps=0, max_change=0.05, tau=1.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=2.0, set_point="layer_mean", warmup_steps=0, max_change=0.05, tau=1.0))
     engine.attach()
     x = torch.randn(128, 8)
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_layer_mean_set_point_balances_load() -> None:
 
 def test_synaptic_total_homeostasis_restores_norm() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(norm_rate=0.5, max_change=0.2, warmup_steps=0))
+    engine = SSREngine(net, SSRConfig(update_every=1, norm_rate=0.5, max_change=0.2, warmup_steps=0))
     engine.attach()
     x = torch.randn(16, 8)
     _train_steps(engine, net, 1, x)  # records the norm set points
@@ -201,7 +201,7 @@ def test_synaptic_total_homeostasis_restores_norm() -> None:
 
 def test_consolidation_importance_and_protection_gate_gradients() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(consolidation=3.0, protection="gradient"))
+    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=3.0, protection="gradient"))
     engine.attach()
     x = torch.randn(32, 8)
     _train_steps(engine, net, 4, x)
@@ -223,7 +223,7 @@ def test_consolidation_importance_and_protection_gate_gradients() -> None:
 
 def test_update_protection_divides_the_optimizer_step_even_under_adam() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(consolidation=1e6, protection="update"))
+    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=1e6, protection="update"))
     engine.attach()
     x = torch.randn(32, 8)
     _train_steps(engine, net, 2, x)
@@ -247,7 +247,7 @@ def test_update_protection_divides_the_optimizer_step_even_under_adam() -> None:
 
 def test_penalty_is_zero_before_consolidation_and_positive_after() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(consolidation=1.0, protection="penalty"))
+    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=1.0, protection="penalty"))
     engine.attach()
     x = torch.randn(32, 8)
     net(x)
@@ -262,7 +262,7 @@ def test_penalty_is_zero_before_consolidation_and_positive_after() -> None:
 
 def test_non_finite_activity_is_skipped_with_a_warning() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(scaling_rate=1.0, set_point=0.1, warmup_steps=0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=0.1, warmup_steps=0))
     engine.attach()
     w0 = net[0].weight.detach().clone()
     net(torch.full((4, 8), math.nan))
@@ -276,14 +276,14 @@ def test_non_finite_activity_is_skipped_with_a_warning() -> None:
 
 def test_state_is_o_neurons_and_round_trips() -> None:
     net = tiny_mlp(hidden=16)
-    engine = SSREngine(net, SSRConfig(scaling_rate=0.5))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=0.5))
     engine.attach()
     _train_steps(engine, net, 3, torch.randn(8, 8))
     engine.consolidate()
     neurons = sum(st.n for st in engine.layers.values())
     assert engine.extra_state_bytes() == neurons * 9 * 4  # nine float32 vectors per neuron
     state = engine.state_dict()
-    other = SSREngine(tiny_mlp(hidden=16), SSRConfig(scaling_rate=0.5))
+    other = SSREngine(tiny_mlp(hidden=16), SSRConfig(update_every=1, scaling_rate=0.5))
     other.load_state_dict(state)
     for name in engine.layers:
         for key, t in engine.layers[name].tensors().items():
@@ -301,7 +301,7 @@ def test_reduce_fn_sees_one_flat_float32_tensor() -> None:
         return t * 0 + 1.0  # pretend every process saw activity 1
 
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(tau=1.0), reduce_fn=reduce)
+    engine = SSREngine(net, SSRConfig(update_every=1, tau=1.0), reduce_fn=reduce)
     engine.attach()
     _train_steps(engine, net, 1, torch.randn(4, 8))
     assert len(seen) == 1 and seen[0].dtype == torch.float32 and seen[0].numel() == 32
@@ -336,7 +336,7 @@ def test_config_accepts_a_callable_activity() -> None:
     cfg = SSRConfig(activity=torch.sigmoid)
     assert cfg.to_dict()["activity"] == "sigmoid"
     net = tiny_mlp()
-    engine = SSREngine(net, cfg)
+    engine = SSREngine(net, cfg.replace(update_every=1))
     engine.attach()
     x = torch.randn(4, 8)
     net(x)

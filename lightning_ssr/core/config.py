@@ -54,7 +54,9 @@ class SSRConfig:
             ``"relu"``, ``"abs"``, ``"square"`` or a callable on tensors. Default: ``"relu"``.
         tau: time constant, in optimizer steps, of each neuron's long-run activity (an
             exponential moving average). Default: ``100.0``.
-        update_every: apply homeostatic scaling every ``k`` optimizer steps. Default: ``1``.
+        update_every: every ``k`` optimizer steps, reduce the activity sensed over those steps
+            across processes, update long-run activity and apply homeostatic scaling (homeostasis
+            is slow; fewer updates cost less). Default: ``10``.
         set_point: each neuron's target activity: a float (the proposal's ``a_target``),
             ``"self"`` (the neuron's own long-run activity at the end of the warm-up) or
             ``"layer_mean"`` (the mean long-run activity of its layer: load balancing).
@@ -97,7 +99,7 @@ class SSRConfig:
 
     activity: ActivityFn = "relu"
     tau: float = 100.0
-    update_every: int = 1
+    update_every: int = 10
     set_point: Union[str, float] = "self"
     warmup_steps: int = 20
     scaling_rate: float = 0.0

@@ -75,6 +75,8 @@ class LayerState:
         self.acc_count = 0
         self.seen = 0
         self.task_steps = 0
+        self.has_set_point = False
+        self.has_norm_target = False
         self.gate: Optional[Tensor] = None
         self.consumer: Optional[tuple[nn.Module, int]] = None
         self.live: Optional[Tensor] = None
@@ -116,12 +118,13 @@ class SSREngine:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> engine = SSREngine(net, SSRConfig(scaling_rate=0.5, set_point=0.1, warmup_steps=0))
+        >>> engine = SSREngine(net, SSRConfig(scaling_rate=0.5, set_point=0.1, warmup_steps=0, update_every=1))
         >>> engine.attach()
         >>> _ = net(torch.randn(16, 4))
         >>> engine.before_step()
-        >>> diag = engine.after_step()
-        >>> sorted(diag["0"])
+        >>> engine.after_step()
+        True
+        >>> sorted(engine.diagnostics()["0"])
         ['activity', 'deviation', 'factor_max', 'factor_mean', 'factor_min']
         >>> engine.detach()
     """
@@ -149,6 +152,7 @@ class SSREngine:
         self.task_step = 0
         self.tasks = 0
         self.skipped = 0
+        self._window = 0  # optimizer steps sensed since the last update
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._order_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._order: list[nn.Module] = []
@@ -289,7 +293,7 @@ class SSREngine:
             elif cfg.protection == "update":
                 self._snapshots = {p: p.detach().clone() for p, _ in self._gated if p.grad is not None}
 
-    def after_step(self) -> dict[str, dict[str, Tensor]]:
+    def after_step(self) -> bool:
         """Call right after an optimizer step that really happened (not one AMP skipped).
 
         Applies the protection of the optimizer's update, then every ``update_every`` steps
@@ -297,34 +301,47 @@ class SSREngine:
         and rescales each neuron's incoming weights.
 
         Returns:
-            Per-layer diagnostics of the last update (empty when none was made this step).
+            Whether a homeostatic update was made this step (see :meth:`diagnostics`).
         """
         self._resolve_consumers()
         if self._snapshots:
             self._gate_update()
         self.step += 1
         self.task_step += 1
+        self._window += 1
         if self.step % self.config.update_every:
-            return {}
+            return False
         return self._update()
 
     def _gate_update(self) -> None:
+        """``p <- old + gate * (p - old)`` in one fused ``lerp`` per parameter."""
         with torch.no_grad():
             for p, views in self._gated:
                 old = self._snapshots.get(p)
                 if old is None:
                     continue
-                p.sub_(old)
-                for shape, gshape, st in views:
-                    p.view(shape).mul_(st.gate.view(gshape).to(p.dtype))
-                p.add_(old)
+                shape, weight = self._combined_gate(views)
+                torch.lerp(old.view(shape), p.view(shape), weight.to(p.dtype), out=p.view(shape))
         self._snapshots = {}
 
-    def _update(self) -> dict[str, dict[str, Tensor]]:
+    @staticmethod
+    def _combined_gate(views: list) -> tuple[tuple[int, ...], Tensor]:
+        """One view shape and one broadcastable gate for all the gates acting on a parameter."""
+        if len(views) == 1:
+            shape, gshape, st = views[0]
+            return shape, st.gate.view(gshape)
+        # a layer that is tracked (rows) and consumes another tracked layer (columns)
+        rows = next(v for v in views if len(v[0]) == 2)
+        cols = next(v for v in views if len(v[0]) == 3)
+        r_st, c_shape, c_st = rows[2], cols[0], cols[2]
+        return c_shape, r_st.gate.view(-1, 1, 1) * c_st.gate.view(1, -1, 1)
+
+    def _update(self, scale: bool = True) -> bool:
         cfg = self.config
+        steps, self._window = max(self._window, 1), 0
         active = [st for st in self.layers.values() if st.acc_count > 0]
         if not active:
-            return {}
+            return False
         means = torch.cat([st.acc / st.acc_count for st in active])
         if self.reduce_fn is not None:
             means = self.reduce_fn(means)
@@ -339,11 +356,9 @@ class SSREngine:
                 NonFiniteActivityWarning,
                 stacklevel=3,
             )
-            return {}
-        diagnostics: dict[str, dict[str, Tensor]] = {}
+            return False
         offset = 0
-        steps = cfg.update_every
-        scaling = cfg.scaling_rate > 0 or cfg.norm_rate > 0
+        scaling = scale and (cfg.scaling_rate > 0 or cfg.norm_rate > 0)
         warm = self.task_step > cfg.warmup_steps
         with torch.no_grad():
             for st in active:
@@ -354,28 +369,43 @@ class SSREngine:
                 st.task_activity.add_(batch, alpha=steps)
                 st.task_steps += steps
                 set_point = self._set_point(st, warm)
-                factor = torch.ones_like(st.activity)
                 if scaling and warm:
-                    factor = self._scale(st, set_point)
-                st.factor = factor
-                diagnostics[st.name] = {
-                    "activity": st.activity.mean(),
-                    "deviation": (st.activity - set_point).abs().mean(),
-                    "factor_mean": factor.mean(),
-                    "factor_min": factor.min(),
-                    "factor_max": factor.max(),
-                }
-        return diagnostics
+                    st.factor = self._scale(st, set_point)
+                elif scaling:
+                    st.factor.fill_(1.0)
+        return True
+
+    def diagnostics(self) -> dict[str, dict[str, Tensor]]:
+        """Per-layer summaries of the last update, computed on demand (0-dim float32 tensors).
+
+        ``activity``: mean long-run activity; ``deviation``: mean ``|activity - set point|``
+        (NaN while set points are still being measured); ``factor_mean/min/max``: the last scale
+        factors applied to incoming weights.
+        """
+        out: dict[str, dict[str, Tensor]] = {}
+        for st in self.layers.values():
+            sp = st.activity.mean() if self.config.set_point == "layer_mean" else st.set_point
+            out[st.name] = {
+                "activity": st.activity.mean(),
+                "deviation": (st.activity - sp).abs().mean(),
+                "factor_mean": st.factor.mean(),
+                "factor_min": st.factor.min(),
+                "factor_max": st.factor.max(),
+            }
+        return out
 
     def _set_point(self, st: LayerState, warm: bool) -> Tensor:
         sp = self.config.set_point
         if sp == "layer_mean":
             return st.activity.mean().expand_as(st.activity)
         if sp == "self":
-            if warm and torch.isnan(st.set_point[0]):
+            if warm and not st.has_set_point:
                 st.set_point.copy_(st.activity)
+                st.has_set_point = True
             return st.set_point
-        st.set_point.fill_(float(sp))
+        if not st.has_set_point:
+            st.set_point.fill_(float(sp))
+            st.has_set_point = True
         return st.set_point
 
     def _scale(self, st: LayerState, set_point: Tensor) -> Tensor:
@@ -383,12 +413,13 @@ class SSREngine:
         mod = st.module
         w = mod.weight
         factor = torch.ones_like(st.activity)
-        if cfg.scaling_rate > 0 and not torch.isnan(set_point[0]):
+        if cfg.scaling_rate > 0 and (st.has_set_point or cfg.set_point == "layer_mean"):
             factor = rules.scaling_factor(st.activity, set_point, cfg.scaling_rate, cfg.max_change)
         if cfg.norm_rate > 0:
             norms = weight_rows(w.detach(), mod).float().norm(dim=1)
-            if torch.isnan(st.norm_target[0]):
+            if not st.has_norm_target:
                 st.norm_target.copy_(norms)
+                st.has_norm_target = True
             factor = factor * rules.norm_factor(norms, st.norm_target, cfg.norm_rate, cfg.max_change, cfg.eps)
             factor.clamp_(1.0 - cfg.max_change, 1.0 + cfg.max_change)
         w.view(st.n, -1).mul_(factor.to(w.dtype).unsqueeze(1))
@@ -406,6 +437,8 @@ class SSREngine:
         next task measures new set points in its warm-up; the long-run activity restarts.
         """
         cfg = self.config
+        if any(st.acc_count for st in self.layers.values()):
+            self._update(scale=False)  # fold in what was sensed since the last update
         with torch.no_grad():
             for st in self.layers.values():
                 if st.task_steps > 0:
@@ -418,8 +451,10 @@ class SSREngine:
                 st.seen = 0
                 if cfg.set_point == "self" and cfg.remeasure_set_points:
                     st.set_point.fill_(math.nan)
+                    st.has_set_point = False
                 if cfg.norm_rate > 0:
                     st.norm_target.copy_(weight_rows(st.module.weight.detach(), st.module).float().norm(dim=1))
+                    st.has_norm_target = True
         self.tasks += 1
         self.task_step = 0
         self._refresh_gates()
@@ -458,9 +493,11 @@ class SSREngine:
             "task_step": self.task_step,
             "tasks": self.tasks,
             "skipped": self.skipped,
+            "window": self._window,
             "layers": {
                 name: {**{k: v.detach().clone() for k, v in st.tensors().items()},
-                       "acc_count": st.acc_count, "seen": st.seen, "task_steps": st.task_steps}
+                       "acc_count": st.acc_count, "seen": st.seen, "task_steps": st.task_steps,
+                       "has_set_point": st.has_set_point, "has_norm_target": st.has_norm_target}
                 for name, st in self.layers.items()
             },
         }
@@ -474,11 +511,13 @@ class SSREngine:
             raise ValueError(f"SSR state holds layers {saved}, but this model tracks {ours}")
         self.step, self.task_step = int(state["step"]), int(state["task_step"])
         self.tasks, self.skipped = int(state["tasks"]), int(state["skipped"])
+        self._window = int(state["window"])
         for name, st in self.layers.items():
             s = state["layers"][name]
             for f in _FIELDS:
                 setattr(st, f, s[f].detach().clone().to(device=st.device, dtype=torch.float32))
             st.acc_count, st.seen, st.task_steps = int(s["acc_count"]), int(s["seen"]), int(s["task_steps"])
+            st.has_set_point, st.has_norm_target = bool(s["has_set_point"]), bool(s["has_norm_target"])
         if self.tasks:
             self._refresh_gates()
 

@@ -48,7 +48,7 @@ def main() -> None:
     model = Classifier()
     local: dict[str, torch.Tensor] = {}
     model.net[0].register_forward_hook(lambda m, i, o: local.__setitem__("a", torch.relu(o.detach()).mean(0)))
-    cb = SynapticScaling(scaling_rate=0.5, set_point="layer_mean", warmup_steps=1, consolidation=1.0)
+    cb = SynapticScaling(scaling_rate=0.5, set_point="layer_mean", warmup_steps=1, consolidation=1.0, update_every=2)
     logger = False
     if args.wandb:
         from lightning.pytorch.loggers import WandbLogger
