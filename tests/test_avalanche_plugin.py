@@ -1,0 +1,298 @@
+"""SSRPlugin inside Avalanche's training templates (Naive, next to EWC and LwF)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+from typing import Any
+
+import pytest
+import torch
+from conftest import FMNIST_DIR
+from torch import nn
+
+pytest.importorskip("avalanche")
+
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
+from avalanche.logging import TextLogger  # noqa: E402
+from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule  # noqa: E402
+from avalanche.training import Naive  # noqa: E402
+from avalanche.training.plugins import (  # noqa: E402
+    EvaluationPlugin,
+    EWCPlugin,
+    LwFPlugin,
+    SupervisedPlugin,
+    SynapticIntelligencePlugin,
+)
+
+from lightning_ssr import SSRConfig  # noqa: E402
+from lightning_ssr.avalanche import SSRPlugin, fix_synaptic_intelligence  # noqa: E402
+from lightning_ssr.data import ContinualBenchmark, make_benchmark  # noqa: E402
+
+HIDDEN = 32
+
+
+@pytest.fixture(scope="module")
+def split_fmnist(tmp_path_factory: pytest.TempPathFactory) -> ContinualBenchmark:
+    """Domain-incremental Split Fashion-MNIST, 200 train / 100 test images per experience
+    (Split digits where Fashion-MNIST is not installed)."""
+    if os.path.isdir(FMNIST_DIR):
+        return make_benchmark("fmnist", "split", "domain", train_subset=200, test_subset=100,
+                              data_dir=FMNIST_DIR, cache_dir=tmp_path_factory.mktemp("cache"))
+    return make_benchmark("digits", "split", "domain", train_subset=200, test_subset=100)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_in: int, head: nn.Module, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class MultiHeadMLP(MultiTaskModule):
+    def __init__(self, n_in: int, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = MultiHeadClassifier(hidden)
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x), task_labels)
+
+
+class LossProbe(SupervisedPlugin):
+    """Records ``strategy.loss`` when ``before_backward`` reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[tuple[int, float]] = []
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        self.values.append((strategy.clock.train_exp_counter, float(strategy.loss.detach())))
+
+
+def _mlp(bench: ContinualBenchmark) -> MLP:
+    return MLP(bench.input_size, nn.Linear(HIDDEN, bench.n_classes))
+
+
+def _strategy(model: nn.Module, plugins: list, *, epochs: int = 1, evaluator: Any = None) -> Naive:
+    if evaluator is None:
+        evaluator = EvaluationPlugin(loggers=[TextLogger(io.StringIO())])
+    return Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                 criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=epochs,
+                 eval_mb_size=128, plugins=plugins, evaluator=evaluator)
+
+
+def _hooked(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+def test_runs_consolidates_once_per_experience_and_leaves_no_hooks(split_fmnist: ContinualBenchmark) -> None:
+    model = _mlp(split_fmnist)
+    ssr = SSRPlugin()
+    consolidations: list[int] = []
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
+                                 forgetting_metrics(experience=True, stream=True),
+                                 loggers=[TextLogger(io.StringIO())])
+    strategy = _strategy(model, [ssr], epochs=2, evaluator=evaluator)  # hooks re-attached per epoch
+    for t, exp in enumerate(split_fmnist.train_stream):
+        strategy.train(exp)
+        consolidations.append(ssr.engine.tasks)
+        if t == 0:
+            for name, st in ssr.engine.layers.items():
+                assert float(st.importance.sum()) > 0, f"layer {name} has no importance after task 0"
+        assert _hooked(model) == [], "hooks must not outlive a training epoch"
+    assert consolidations == [1, 2, 3, 4, 5]
+    assert list(ssr.engine.layers) == ["body.1", "body.3"]  # the head is left out
+    results = strategy.eval(split_fmnist.test_stream)
+    accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert 0.0 <= accuracy <= 1.0 and "StreamForgetting/eval_phase/test_stream" in results
+    assert ssr.extra_state_bytes() == sum(
+        t.numel() * 4 for st in ssr.engine.layers.values() for t in st.tensors().values()
+    )
+
+
+def test_protected_neurons_change_less_than_without_the_plugin(split_fmnist: ContinualBenchmark) -> None:
+    torch.manual_seed(0)
+    init = _mlp(split_fmnist)
+    runs: dict[str, list[torch.Tensor]] = {}
+    ssr = SSRPlugin(consolidation=10.0, protection="update")
+    for name, plugins in (("naive", []), ("ssr", [ssr])):
+        model = copy.deepcopy(init)
+        strategy = _strategy(model, plugins)
+        torch.manual_seed(1)  # the same mini-batch order in both runs
+        snapshots = []
+        for exp in split_fmnist.train_stream[:2]:
+            strategy.train(exp)
+            snapshots.append(model.body[1].weight.detach().clone())
+        runs[name] = snapshots
+    # the first experience is unprotected: SSR must not have changed anything yet
+    torch.testing.assert_close(runs["ssr"][0], runs["naive"][0])
+    importance = ssr.engine.layers["body.1"].importance
+    assert ssr.engine.tasks == 2
+    # importance after task 0 only: take the neurons SSR protected during task 1
+    protected = importance.argsort(descending=True)[: HIDDEN // 4]
+    change = {k: (v[1] - v[0]).norm(dim=1)[protected].mean() for k, v in runs.items()}
+    assert change["ssr"] < 0.5 * change["naive"], change
+
+
+def test_penalty_mode_adds_a_positive_term_after_the_first_experience(split_fmnist: ContinualBenchmark) -> None:
+    before, after = LossProbe(), LossProbe()
+    ssr = SSRPlugin(protection="penalty", consolidation=5.0)
+    strategy = _strategy(_mlp(split_fmnist), [before, ssr, after])
+    for exp in split_fmnist.train_stream[:3]:
+        strategy.train(exp)
+    diffs: dict[int, list[float]] = {}
+    for (exp_id, lo), (_, hi) in zip(before.values, after.values):
+        diffs.setdefault(exp_id, []).append(hi - lo)
+    assert all(d == 0.0 for d in diffs[0])
+    assert all(d > 0.0 for e in (1, 2) for d in diffs[e]), diffs
+    assert ssr.last_penalty is not None and float(ssr.last_penalty) == pytest.approx(diffs[2][-1], rel=1e-5)
+
+
+def test_update_mode_adds_nothing_to_the_loss(split_fmnist: ContinualBenchmark) -> None:
+    before, after = LossProbe(), LossProbe()
+    strategy = _strategy(_mlp(split_fmnist), [before, SSRPlugin(protection="update"), after])
+    for exp in split_fmnist.train_stream[:2]:
+        strategy.train(exp)
+    assert before.values == after.values
+
+
+def test_next_to_ewc_and_lwf(split_fmnist: ContinualBenchmark) -> None:
+    ssr, ewc, lwf = SSRPlugin(consolidation=2.0), EWCPlugin(ewc_lambda=100.0), LwFPlugin()
+    model = _mlp(split_fmnist)
+    strategy = _strategy(model, [ewc, lwf, ssr])
+    for exp in split_fmnist.train_stream[:3]:
+        strategy.train(exp)
+    assert ssr.engine.tasks == 3 and sorted(ewc.importances) == [0, 1, 2]
+    # LwF's copy of the model is taken after the epoch: it carries none of SSR's hooks
+    assert _hooked(lwf.lwf.prev_model) == [] and _hooked(model) == []
+    pickle.dumps(model)  # nothing unpicklable left on the model
+
+
+def test_growing_heads_are_handled() -> None:
+    bench = make_benchmark("digits", "split", "class", n_tasks=5, train_subset=40, test_subset=20)
+    model = MLP(bench.input_size, IncrementalClassifier(HIDDEN, initial_out_features=2))
+    ssr = SSRPlugin()
+    strategy = _strategy(model, [ssr])
+    strategy.train(bench.train_stream)  # the whole stream in one call
+    assert model.head.classifier.out_features == 10 and ssr.engine.tasks == 5
+    assert list(ssr.engine.layers) == ["body.1", "body.3"]
+
+    task = make_benchmark("digits", "split", "task", n_tasks=5, train_subset=40, test_subset=20)
+    multi = MultiHeadMLP(task.input_size)
+    ssr = SSRPlugin(protection="penalty")
+    strategy = _strategy(multi, [ssr])
+    for exp in task.train_stream:
+        strategy.train(exp)
+    assert len(multi.head.classifiers) == 5 and ssr.engine.tasks == 5
+    assert list(ssr.engine.layers) == ["body.1", "body.3"]
+    strategy.eval(task.test_stream)
+
+
+def test_synaptic_intelligence_fix_gives_it_importance() -> None:
+    fix_synaptic_intelligence()
+    assert fix_synaptic_intelligence() is False  # idempotent
+    bench = make_benchmark("digits", "split", "domain", n_tasks=2, train_subset=64, test_subset=16)
+    si = SynapticIntelligencePlugin(si_lambda=1.0)
+    strategy = _strategy(_mlp(bench), [si, SSRPlugin()])
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    importance = torch.cat([p.data for p in si.ewc_data[1].values()])
+    assert bool((importance != 0).any()), "SI measured no importance: its weight snapshots alias the model"
+
+
+# --------------------------------------------------------------------------------- state
+
+
+def test_state_dict_round_trip(split_fmnist: ContinualBenchmark) -> None:
+    model = _mlp(split_fmnist)
+    ssr = SSRPlugin(consolidation=3.0)
+    strategy = _strategy(model, [ssr])
+    for exp in split_fmnist.train_stream[:2]:
+        strategy.train(exp)
+    buffer = io.BytesIO()
+    torch.save(ssr.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    assert state["config"]["consolidation"] == 3.0
+
+    resumed = SSRPlugin(consolidation=3.0)
+    resumed.load_state_dict(state)  # before the engine exists: applied when it is built
+    assert resumed.engine is None and resumed.state_dict()["engine"]["tasks"] == 2
+    strategy2 = _strategy(model, [resumed])
+    strategy2.train(split_fmnist.train_stream[2])
+    assert resumed.engine.tasks == 3
+    saved = state["engine"]["layers"]["body.1"]["importance"]
+    assert torch.all(resumed.engine.layers["body.1"].importance >= saved)
+
+    again = SSRPlugin(consolidation=3.0)
+    _strategy(model, [again]).train(split_fmnist.train_stream[0])
+    again.load_state_dict(ssr.state_dict())  # into a built engine
+    for name, st in ssr.engine.layers.items():
+        for key, value in st.tensors().items():
+            torch.testing.assert_close(again.engine.layers[name].tensors()[key], value, equal_nan=True)
+    assert again.engine.tasks == ssr.engine.tasks == 2
+
+
+def test_load_state_dict_rejects_foreign_state() -> None:
+    with pytest.raises(TypeError, match=r"`state` must be a mapping returned by SSRPlugin.state_dict\(\)"):
+        SSRPlugin().load_state_dict({"step": 3})
+    with pytest.raises(ValueError, match="SSRPlugin state version 7 is not supported"):
+        SSRPlugin().load_state_dict({"version": 7, "config": {}, "engine": None})
+
+
+# ------------------------------------------------------------------------- construction
+
+
+def test_config_and_keyword_overrides() -> None:
+    base = SSRConfig(consolidation=4.0)
+    plugin = SSRPlugin(base, protection="penalty")
+    assert plugin.config.consolidation == 4.0 and plugin.config.protection == "penalty"
+    assert base.protection == "update"  # the given config is not modified
+    assert plugin.extra_state_bytes() == 0 and "not built" in repr(plugin)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rate": 0.1}, TypeError, r"Unexpected keyword arguments: \['rate'\]"),
+        ({"consolidation": -1.0}, ValueError, r"`consolidation` must be in"),
+        ({"config": {"tau": 3}}, TypeError, r"`config` must be an SSRConfig or None, got dict"),
+        ({"layer_types": [nn.ReLU, "Linear"]}, TypeError, r"`layer_types` must be a non-empty sequence"),
+        ({"include": "body.*"}, TypeError, r"`include` must be a sequence of fnmatch patterns \(str\) or None, got 'body.\*'"),
+        ({"exclude": [3]}, TypeError, r"`exclude` must be a sequence of fnmatch patterns \(str\), got \[3\]"),
+        ({"track_output": 1}, TypeError, r"`track_output` must be a bool, got 1"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        SSRPlugin(**kwargs)
+
+
+def test_layer_selection_errors_surface_when_the_model_is_seen() -> None:
+    bench = make_benchmark("digits", "split", "domain", n_tasks=2, train_subset=32, test_subset=16)
+    strategy = _strategy(_mlp(bench), [SSRPlugin(include=["encoder.*"])])
+    with pytest.raises(ValueError, match=r"`include` pattern 'encoder.\*' matches no layer"):
+        strategy.train(bench.train_stream[0])
+
+
+def test_swapped_model_or_replaced_layer_is_refused() -> None:
+    bench = make_benchmark("digits", "split", "domain", n_tasks=2, train_subset=32, test_subset=16)
+    ssr = SSRPlugin()
+    model = _mlp(bench)
+    strategy = _strategy(model, [ssr])
+    strategy.train(bench.train_stream[0])
+    model.body[3] = nn.Linear(HIDDEN, HIDDEN)
+    with pytest.raises(ValueError, match=r"SSR tracks layer 'body.3' \(32 neurons\), but the model no longer holds it"):
+        strategy.train(bench.train_stream[1])
+    strategy.model = _mlp(bench)
+    with pytest.raises(ValueError, match="SSRPlugin was built on another model"):
+        strategy.train(bench.train_stream[1])
