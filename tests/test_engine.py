@@ -223,7 +223,7 @@ def test_consolidation_importance_and_protection_gate_gradients() -> None:
 
 def test_update_protection_divides_the_optimizer_step_even_under_adam() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=1e6, protection="update"))
+    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=1e6, protection="update", protect_output=True))
     engine.attach()
     x = torch.randn(32, 8)
     _train_steps(engine, net, 2, x)
@@ -240,9 +240,30 @@ def test_update_protection_divides_the_optimizer_step_even_under_adam() -> None:
         engine.after_step()
     moved = (net[0].weight.detach() - w0).abs().sum(1)
     assert bool((moved[important] < 1e-4).all()), "important neurons must be frozen at lambda=1e6"
-    # the output layer is not tracked but is the consumer of layer 2: its columns are protected too
+    # the output layer is not tracked but is the consumer of layer 2: with protect_output its columns are protected
     assert (net[4].weight.detach() - head0).abs().max() < 1e-3
     engine.detach()
+
+
+@pytest.mark.parametrize("protect_output", [False, True])
+def test_output_layer_and_new_heads_stay_plastic_by_default(protect_output: bool) -> None:
+    net = tiny_mlp()
+    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=1e6, protect_output=protect_output))
+    engine.attach()
+    x = torch.randn(32, 8)
+    _train_steps(engine, net, 2, x)
+    engine.consolidate()
+    gated = {name for name, _ in engine.named_parameters_gated()}
+    _train_steps(engine, net, 1, x)  # the next forward finds the consumers again
+    gated = {name for name, _ in engine.named_parameters_gated()}
+    assert ("4.weight" in gated) is protect_output
+    assert {"0.weight", "0.bias", "2.weight", "2.bias"} <= gated
+    # a head created after the consolidation (a new task's head) is never gated
+    net[4] = nn.Linear(16, 3)
+    engine.consolidate()
+    net[4] = nn.Linear(16, 3)
+    _train_steps(engine, net, 1, x)
+    assert "4.weight" not in {name for name, _ in engine.named_parameters_gated()}
 
 
 def test_penalty_is_zero_before_consolidation_and_positive_after() -> None:

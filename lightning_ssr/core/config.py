@@ -83,7 +83,10 @@ class SSRConfig:
             Adam) or ``"penalty"`` (a loss term, only where the front end owns the loss).
             Default: ``"update"``.
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
-            input columns). Default: ``True``.
+            input columns) where the consumer is a tracked layer. Default: ``True``.
+        protect_output: also protect the output layer's input columns. Off by default: a head
+            that cannot move its weights from important neurons cannot learn new classes, and a
+            head created for a new task would start frozen. Default: ``False``.
         scale_bias: scale a neuron's bias with its incoming weights. Default: ``True``.
         eps: numerical floor for divisions. Default: ``1e-8``.
 
@@ -110,6 +113,7 @@ class SSRConfig:
     importance: str = "activity"
     protection: str = "update"
     gate_outgoing: bool = True
+    protect_output: bool = False
     scale_bias: bool = True
     eps: float = field(default=1e-8)
 
@@ -131,7 +135,7 @@ class SSRConfig:
         _check_choice("importance", self.importance, _IMPORTANCES)
         _check_choice("protection", self.protection, _PROTECTIONS)
         _check_number("eps", self.eps, 0.0, 1.0, low_open=True)
-        for flag in ("remeasure_set_points", "gate_outgoing", "scale_bias"):
+        for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"`{flag}` must be a bool, got {getattr(self, flag)!r}")
 

@@ -157,6 +157,7 @@ class SSREngine:
         self._order_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._order: list[nn.Module] = []
         self._snapshots: dict[nn.Parameter, Tensor] = {}
+        self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
         self._gated: list[tuple[nn.Parameter, list[tuple[tuple[int, ...], tuple[int, ...], LayerState]]]] = []
 
     # ------------------------------------------------------------------ hooks
@@ -194,7 +195,7 @@ class SSREngine:
             st.acc.add_(rules.neuron_activity(output, phi, cdim))
             st.acc_count += 1
             if want_live and self.tasks > 0:
-                a = phi(output.float())
+                a = phi(output.float().clone())  # an in-place activation may overwrite ``output`` next
                 dims = [d for d in range(a.dim()) if d != (cdim % a.dim())]
                 st.live = a.mean(dim=dims)
 
@@ -256,8 +257,10 @@ class SSREngine:
             add(getattr(mod, "bias", None), (st.n,), (st.n,), st)
             if st.consumer is not None and self.config.gate_outgoing:
                 cons, k = st.consumer
-                out = cons.weight.shape[0]
-                add(cons.weight, (out, st.n, -1), (1, st.n, 1), st)
+                tracked = any(cons is other.module for other in self.layers.values())
+                existed = id(cons.weight) in self._consolidated
+                if existed and (tracked or self.config.protect_output):
+                    add(cons.weight, (cons.weight.shape[0], st.n, -1), (1, st.n, 1), st)
         self._gated = list(groups.values())
 
     def _refresh_gates(self) -> None:
@@ -457,6 +460,7 @@ class SSREngine:
                     st.has_norm_target = True
         self.tasks += 1
         self.task_step = 0
+        self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
         if self.attached:
             self._record_order()
@@ -519,6 +523,7 @@ class SSREngine:
             st.acc_count, st.seen, st.task_steps = int(s["acc_count"]), int(s["seen"]), int(s["task_steps"])
             st.has_set_point, st.has_norm_target = bool(s["has_set_point"]), bool(s["has_norm_target"])
         if self.tasks:
+            self._consolidated = {id(p) for p in self.model.parameters()}
             self._refresh_gates()
 
     def named_parameters_gated(self) -> Iterator[tuple[str, nn.Parameter]]:
