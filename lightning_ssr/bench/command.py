@@ -1,0 +1,183 @@
+"""``lightning-ssr bench``: SSR against Avalanche's baselines, side by side in one run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lightning_ssr.bench.methods import DEFAULT_METHODS, METHODS, Method, resolve_methods
+from lightning_ssr.bench.report import format_table, plot_results, summarize, write_results
+from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
+from lightning_ssr.continual import StreamResult
+from lightning_ssr.data import DATASETS, PROTOCOLS, SCENARIOS, ContinualBenchmark, make_benchmark
+
+__all__ = ["BenchOptions", "run_bench"]
+
+#: A factory of one logger per (scenario, method, seed) stream, or ``None`` for none.
+LoggerFactory = Callable[[str, Method, int, dict[str, Any]], Any]
+
+
+@dataclass
+class BenchOptions:
+    """Everything ``lightning-ssr bench`` takes; see ``lightning-ssr bench --help``."""
+
+    dataset: str = "digits"
+    protocol: str = "split"
+    scenarios: tuple[str, ...] = SCENARIOS
+    n_tasks: Optional[int] = None
+    methods: str = ",".join(DEFAULT_METHODS)
+    seeds: int = 3
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    hidden: Optional[int] = None
+    data_dir: Optional[str] = None
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    search_budget: int = 1
+    val_fraction: float = 0.2
+    out: str = "bench_results"
+    plots: bool = True
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "lightning-ssr"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("dataset", self.dataset, DATASETS), ("protocol", self.protocol, PROTOCOLS)):
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
+        if isinstance(self.scenarios, str):
+            self.scenarios = tuple(s.strip() for s in self.scenarios.split(",") if s.strip())
+        for s in self.scenarios:
+            if s not in SCENARIOS:
+                raise ValueError(f"`scenario` must be one or more of {list(SCENARIOS)}, got {s!r}")
+        if not self.scenarios:
+            raise ValueError(f"`scenario` must be one or more of {list(SCENARIOS)}, got none")
+        for name, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("search_budget", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"`lr` must be a positive number, got {self.lr!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}")
+        for s in self.scenarios:
+            resolve_methods(self.methods, s)  # unknown methods and impossible scenarios fail here
+
+    @property
+    def hidden_units(self) -> int:
+        """van de Ven & Tolias: 400 units for Split, 1000 for Permuted."""
+        return self.hidden if self.hidden is not None else (400 if self.protocol == "split" else 1000)
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "avalanche"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="task", desc="lightning-ssr bench", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _search(method: Method, opts: BenchOptions, val: ContinualBenchmark, s: RunSettings, tick: Callable[[], None]) -> tuple[dict, list]:
+    candidates = method.candidates(opts.search_budget)
+    if len(candidates) == 1:
+        return candidates[0], [{"hyperparameters": candidates[0], "val_accuracy": None}]
+    tried = []
+    for hp in candidates:
+        r = run_method(method, hp, val, s, seed=0, tick=tick)
+        tried.append({"hyperparameters": hp, "val_accuracy": r.average_accuracy})
+    best = max(tried, key=lambda t: t["val_accuracy"])
+    return best["hyperparameters"], tried
+
+
+def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark for every scenario of ``opts``; print tables, write results and plots.
+
+    Returns:
+        Per scenario: ``{"rows": summary rows, "runs": {method: [StreamResult per seed]},
+        "search": ..., "files": {...}}``.
+    """
+    _quiet()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    settings = RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size)
+    plan = {s: resolve_methods(opts.methods, s) for s in opts.scenarios}
+    benches = {
+        s: make_benchmark(opts.dataset, opts.protocol, s, opts.n_tasks, seed=0, data_dir=opts.data_dir,
+                          train_subset=opts.train_subset, test_subset=opts.test_subset)
+        for s in opts.scenarios
+    }
+    n_tasks = next(iter(benches.values())).n_tasks
+    total = 0
+    for s, methods in plan.items():
+        for m in methods:
+            searched = len(m.candidates(opts.search_budget)) if opts.search_budget > 1 else 0
+            total += (opts.seeds + (searched if searched > 1 else 0)) * n_tasks
+    bar = _progress(total + 2 * n_tasks, opts.progress)
+    tick = lambda: bar.update(1)  # noqa: E731
+    out_root = Path(opts.out)
+    report: dict[str, Any] = {}
+    start = time.perf_counter()
+    # one untimed pass of each runner, so no method pays for first-call start-up costs
+    warm = benches[opts.scenarios[0]]
+    for name in ("naive", "naive-lightning"):
+        run_method(METHODS[name], {}, warm, settings, seed=0, tick=tick)
+    for scenario, methods in plan.items():
+        bench = benches[scenario]
+        val = validation_benchmark(bench, opts.val_fraction, seed=0)
+        search: dict[str, Any] = {}
+        chosen: dict[str, dict] = {}
+        for m in methods:
+            bar.set_postfix_str(f"{scenario}: search {m.name}")
+            chosen[m.name], search[m.name] = _search(m, opts, val, settings, tick) if opts.search_budget > 1 else (
+                m.candidates(1)[0], [{"hyperparameters": m.candidates(1)[0], "val_accuracy": None}])
+        runs: dict[str, list[StreamResult]] = {m.name: [] for m in methods}
+        for seed in range(opts.seeds):
+            for m in methods:
+                bar.set_postfix_str(f"{scenario}: {m.name} seed {seed}")
+                meta = {"scenario": scenario, "dataset": opts.dataset, "protocol": opts.protocol, "seed": seed,
+                        "method": m.name, "hyperparameters": chosen[m.name], **settings.to_dict()}
+                logger = logger_factory(scenario, m, seed, meta) if logger_factory else None
+                runs[m.name].append(run_method(m, chosen[m.name], bench, settings, seed, tick=tick, logger=logger))
+                if logger is not None and hasattr(logger, "finalize_stream"):
+                    logger.finalize_stream(runs[m.name][-1])
+        rows = summarize(runs, {m.name: m.baseline for m in methods})
+        title = (f"{opts.dataset} {opts.protocol} ({n_tasks} tasks), {scenario}-incremental: MLP {settings.layers}x"
+                 f"{settings.hidden}, Adam lr {settings.lr}, {settings.epochs} epochs/task, batch {settings.batch_size}, "
+                 f"{opts.seeds} seeds (mean ± std)")
+        out_dir = out_root / f"{opts.dataset}-{opts.protocol}{n_tasks}-{scenario}"
+        meta = {
+            "command": " ".join(sys.argv), "options": {k: v for k, v in dataclasses.asdict(opts).items()},
+            "scenario": scenario, "n_tasks": n_tasks, "settings": settings.to_dict(),
+            "hyperparameters": chosen, "time_baselines": {m.name: m.baseline for m in methods},
+            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+        }
+        files = write_results(out_dir, meta, rows, runs, search)
+        if opts.plots:
+            files["plots"] = plot_results(out_dir, runs, title)  # type: ignore[assignment]
+        bar.clear()
+        echo("\n" + format_table(rows, title))
+        echo(f"results: {files['json']}  {files['csv']}" + (f"  plots: {out_dir}/*.png" if opts.plots else ""))
+        bar.refresh()
+        report[scenario] = {"rows": rows, "runs": runs, "search": search, "files": files, "hyperparameters": chosen}
+    bar.close()
+    echo(f"\nwall time {time.perf_counter() - start:.1f} s; time ratios compare each method with the naive run of "
+         "its own runner (Avalanche or Lightning) in this run")
+    return report

@@ -1,0 +1,162 @@
+"""The methods the benchmark compares, each with its hyperparameter candidates.
+
+Baselines are Avalanche's own plugins inside Avalanche's ``Naive`` template (and Avalanche's
+``PNNStrategy``); SSR runs as the Lightning callback through the stream runner (``ssr``) and as
+the Avalanche plugin (``ssr-plugin``). Every method's first candidate is its default; a search
+budget of ``k`` tries the first ``k`` candidates of every method alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lightning_ssr.data import SCENARIOS
+
+__all__ = ["METHODS", "SSR_DEFAULTS", "Method", "method_names", "resolve_methods"]
+
+#: SSR's benchmark defaults, chosen on the ablation rows (see the README's table).
+SSR_DEFAULTS: dict[str, Any] = {
+    "consolidation": 1.0,
+    "scaling_rate": 0.05,
+    "norm_rate": 0.0,
+    "set_point": "self",
+    "protection": "update",
+    "update_every": 10,
+    "warmup_steps": 10,
+    "tau": 50.0,
+}
+_SSR_GRID: tuple[dict[str, Any], ...] = (
+    {},
+    {"consolidation": 0.3},
+    {"consolidation": 3.0},
+    {"consolidation": 10.0},
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmarked method.
+
+    Attributes:
+        name: the command-line name.
+        runner: ``"avalanche"`` (an Avalanche strategy) or ``"lightning"`` (the stream runner).
+        description: one line for the report.
+        plugin: for Avalanche methods, the plugin to add to ``Naive`` (``None`` for plain Naive
+            and for PNN, which is its own strategy).
+        base: fixed keyword arguments of the plugin or of the SSR config.
+        grid: hyperparameter candidates, merged over ``base``; the first is the default.
+        scenarios: the scenarios it can run in.
+        keeps_buffer: whether it stores past samples (replay).
+    """
+
+    name: str
+    runner: str
+    description: str
+    plugin: Optional[str] = None
+    base: Mapping[str, Any] = field(default_factory=dict)
+    grid: tuple[Mapping[str, Any], ...] = ({},)
+    scenarios: tuple[str, ...] = SCENARIOS
+    keeps_buffer: bool = False
+
+    @property
+    def baseline(self) -> str:
+        """The naive run of the same runner, against which wall time is compared."""
+        return "naive" if self.runner == "avalanche" else "naive-lightning"
+
+    def candidates(self, budget: int) -> list[dict[str, Any]]:
+        """The first ``budget`` hyperparameter sets, each merged over :attr:`base`."""
+        return [{**self.base, **g} for g in self.grid[:budget]]
+
+
+def _ssr(name: str, description: str, runner: str = "lightning", **change: Any) -> Method:
+    base = {**SSR_DEFAULTS, **change}
+    grid = tuple({k: v for k, v in g.items() if k not in change} for g in _SSR_GRID)
+    unique: list[dict[str, Any]] = []
+    for g in grid:
+        if g not in unique:
+            unique.append(g)
+    return Method(name, runner, description, plugin="ssr" if runner == "avalanche" else None, base=base, grid=tuple(unique))
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("naive", "avalanche", "Avalanche Naive: fine-tuning, no protection"),
+        Method("naive-lightning", "lightning", "fine-tuning through the Lightning stream runner (time baseline of SSR)"),
+        Method("ewc", "avalanche", "Avalanche EWCPlugin (separate penalties)", "ewc", {"mode": "separate"},
+               ({"ewc_lambda": 1000.0}, {"ewc_lambda": 100.0}, {"ewc_lambda": 10000.0}, {"ewc_lambda": 10.0})),
+        Method("online-ewc", "avalanche", "Avalanche EWCPlugin, online mode", "ewc", {"mode": "online", "decay_factor": 0.9},
+               ({"ewc_lambda": 1000.0}, {"ewc_lambda": 100.0}, {"ewc_lambda": 10000.0}, {"ewc_lambda": 10.0})),
+        Method("si", "avalanche", "Avalanche SynapticIntelligencePlugin", "si", {},
+               ({"si_lambda": 1.0}, {"si_lambda": 10.0}, {"si_lambda": 0.1}, {"si_lambda": 100.0})),
+        Method("mas", "avalanche", "Avalanche MASPlugin", "mas", {"alpha": 0.5},
+               ({"lambda_reg": 1.0}, {"lambda_reg": 10.0}, {"lambda_reg": 0.1}, {"lambda_reg": 100.0})),
+        Method("lwf", "avalanche", "Avalanche LwFPlugin (distillation)", "lwf", {"temperature": 2.0},
+               ({"alpha": 1.0}, {"alpha": 10.0}, {"alpha": 0.1}, {"alpha": 3.0})),
+        Method("replay", "avalanche", "Avalanche ReplayPlugin (a buffer of past samples)", "replay", {},
+               ({"mem_size": 200}, {"mem_size": 500}, {"mem_size": 100}, {"mem_size": 1000}), keeps_buffer=True),
+        Method("pnn", "avalanche", "Avalanche PNNStrategy (a new column per task)", scenarios=("task",)),
+        _ssr("ssr", "SSR: the SynapticScaling Lightning callback"),
+        _ssr("ssr-plugin", "SSR: the SSRPlugin inside Avalanche's Naive", runner="avalanche"),
+        _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
+        _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
+        _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (scaling only)", consolidation=0.0),
+        _ssr("ssr-layer-mean", "SSR ablation: layer-mean set points (load balancing)", set_point="layer_mean"),
+        _ssr("ssr-gradient", "SSR ablation: protection on gradients, not on updates", protection="gradient"),
+        _ssr("ssr-no-outgoing", "SSR ablation: protect incoming weights only", gate_outgoing=False),
+        _ssr("ssr-protect-output", "SSR ablation: also protect the output layer's columns", protect_output=True),
+    )
+}
+
+#: The methods of the default command: SSR against every baseline that runs in every scenario.
+DEFAULT_METHODS: tuple[str, ...] = ("naive", "ewc", "online-ewc", "si", "mas", "lwf", "replay", "ssr", "ssr-plugin")
+#: ``--methods all``: everything, ablations included.
+ALL = "all"
+ABLATIONS = "ablations"
+
+
+def method_names() -> list[str]:
+    """Every method name, in the report's order."""
+    return list(METHODS)
+
+
+def resolve_methods(names: str, scenario: str) -> list[Method]:
+    """Parse ``--methods`` (comma-separated names, ``all``, ``ablations``) for a scenario.
+
+    The naive baseline of each runner used is added, so that every time ratio has its baseline in
+    the same run.
+
+    Raises:
+        ValueError: an unknown method, or one that cannot run in ``scenario``.
+
+    Example:
+        >>> [m.name for m in resolve_methods("ewc,ssr", "domain")]
+        ['naive', 'naive-lightning', 'ewc', 'ssr']
+        >>> resolve_methods("pnn", "class")
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'pnn' cannot run in the 'class' scenario (it needs one of ['task'])
+    """
+    if not isinstance(names, str) or not names.strip():
+        raise ValueError(f"`methods` must be comma-separated method names, got {names!r}")
+    wanted: list[str] = []
+    for raw in names.split(","):
+        name = raw.strip()
+        if name == ALL:
+            wanted += [n for n, m in METHODS.items() if scenario in m.scenarios]
+        elif name == ABLATIONS:
+            wanted += ["ssr"] + [n for n in METHODS if n.startswith("ssr-") and n != "ssr-plugin"]
+        elif name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {method_names()}, 'all' or 'ablations'")
+        else:
+            if scenario not in METHODS[name].scenarios:
+                raise ValueError(
+                    f"method {name!r} cannot run in the {scenario!r} scenario (it needs one of {list(METHODS[name].scenarios)})"
+                )
+            wanted.append(name)
+    runners = {METHODS[n].runner for n in wanted}
+    baselines = [b for b in ("naive", "naive-lightning") if METHODS[b].runner in runners]
+    ordered = [n for n in METHODS if n in set(wanted) | set(baselines)]
+    return [METHODS[n] for n in ordered]

@@ -1,0 +1,83 @@
+"""The ``lightning-ssr`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-ssr``."""
+    from lightning_ssr.bench.methods import DEFAULT_METHODS, METHODS
+
+    parser = argparse.ArgumentParser(prog="lightning-ssr", description="Synaptic Scaling Regularization tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser(
+        "bench",
+        help="SSR against Avalanche's EWC, Online EWC, SI, MAS, LwF, replay and PNN",
+        description=(
+            "Run SSR (the Lightning callback and the Avalanche plugin) and Avalanche's baselines on the same "
+            "benchmark, network, optimizer and budget; print a table per scenario (mean ± std over seeds) and "
+            "write results.json, results.csv and PNG plots. With no option it runs Split digits (embedded, "
+            "no download) in the task, domain and class scenarios."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--dataset", default="digits", choices=["digits", "fmnist", "mnist"],
+                   help="digits: scikit-learn's 8x8 digits (embedded); fmnist/mnist: IDX files in --data-dir")
+    b.add_argument("--data-dir", default=None,
+                   help="directory of the four IDX files (default for fmnist: /usr/share/datasets/fashion-mnist)")
+    b.add_argument("--scenario", default="task,domain,class", help="comma-separated: task, domain, class")
+    b.add_argument("--protocol", default="split", choices=["split", "permuted"])
+    b.add_argument("--tasks", type=int, default=None, help="number of tasks (split: 5; permuted: 10 or 20)")
+    b.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated from {list(METHODS)}, or 'all', or 'ablations'")
+    b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    b.add_argument("--epochs", type=int, default=5, help="epochs per task")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    b.add_argument("--hidden", type=int, default=None, help="units per hidden layer (default 400 split, 1000 permuted)")
+    b.add_argument("--train-subset", type=int, default=None, help="training samples per task (default: all)")
+    b.add_argument("--test-subset", type=int, default=None, help="test samples per task (default: all)")
+    b.add_argument("--search-budget", type=int, default=1,
+                   help="hyperparameter candidates tried per method on a validation split (1: defaults)")
+    b.add_argument("--out", default="bench_results", help="output directory")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--wandb", action="store_true", help="log every stream to Weights & Biases (one run per stream)")
+    b.add_argument("--wandb-project", default="lightning-ssr")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lightning-ssr`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lightning_ssr.bench import BenchOptions, run_bench
+    from lightning_ssr.data.idx import DatasetNotFoundError
+
+    try:
+        opts = BenchOptions(
+            dataset=args.dataset, protocol=args.protocol, scenarios=args.scenario, n_tasks=args.tasks,
+            methods=args.methods, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            hidden=args.hidden, data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset,
+            search_budget=args.search_budget, out=args.out, plots=not args.no_plots, progress=not args.no_progress,
+            wandb=args.wandb, wandb_project=args.wandb_project,
+        )
+        factory = None
+        if opts.wandb:
+            from lightning_ssr.loggers import wandb_logger_factory
+
+            factory = wandb_logger_factory(opts.wandb_project, opts.out)
+        run_bench(opts, logger_factory=factory)
+    except (ValueError, TypeError, DatasetNotFoundError) as err:
+        parser.error(f"bench: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

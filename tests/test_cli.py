@@ -1,0 +1,100 @@
+"""``lightning-ssr bench`` end to end on the embedded digits data, and its option errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_ssr.bench import BenchOptions, resolve_methods, run_bench
+from lightning_ssr.bench.runner import state_bytes
+from lightning_ssr.cli import main
+
+SMALL = ["--seeds", "2", "--epochs", "1", "--train-subset", "60", "--test-subset", "40", "--hidden", "32",
+         "--no-progress"]
+
+
+def test_default_command_end_to_end_writes_table_json_csv_and_plots(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench"
+    assert main(["bench", "--scenario", "domain", "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "digits split (5 tasks), domain-incremental" in printed
+    for name in ("naive", "ewc", "online-ewc", "si", "mas", "lwf", "replay", "ssr", "ssr-plugin", "naive-lightning"):
+        assert f"\n{name} " in printed
+    run_dir = out / "digits-split5-domain"
+    data = json.loads((run_dir / "results.json").read_text())
+    assert {r["method"] for r in data["summary"]} >= {"ssr", "ewc", "naive"}
+    assert len(data["runs"]["ssr"]) == 2
+    assert len(data["runs"]["ssr"][0]["accuracy"]) == 5 and len(data["runs"]["ssr"][0]["accuracy"][0]) == 5
+    assert data["meta"]["hyperparameters"]["ewc"]["ewc_lambda"] == 1000.0
+    assert data["summary"][0]["time_ratio_mean"] == pytest.approx(1.0)
+    ssr_row = next(r for r in data["summary"] if r["method"] == "ssr")
+    assert 0 < ssr_row["extra_state_bytes"] < 10_000  # O(neurons): 2 x 32 neurons x 9 float32 values
+    ewc_row = next(r for r in data["summary"] if r["method"] == "ewc")
+    assert ewc_row["extra_state_bytes"] > ssr_row["extra_state_bytes"]  # EWC stores O(weights)
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [r["method"] for r in rows] == [r["method"] for r in data["summary"]]
+    pngs = sorted(p.name for p in run_dir.glob("*.png"))
+    assert "average_accuracy.png" in pngs and "heatmap_ssr.png" in pngs and len(pngs) == 11
+    for png in run_dir.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_budget_chooses_on_validation_and_records_it(tmp_path: Path) -> None:
+    opts = BenchOptions(scenarios=("task",), methods="ewc,ssr", seeds=1, epochs=1, train_subset=50, test_subset=30,
+                        hidden=16, search_budget=2, out=str(tmp_path), plots=False, progress=False)
+    report = run_bench(opts, echo=lambda s: None)["task"]
+    tried = report["search"]["ewc"]
+    assert len(tried) == 2 and all(0 <= t["val_accuracy"] <= 1 for t in tried)
+    best = max(tried, key=lambda t: t["val_accuracy"])["hyperparameters"]
+    assert report["hyperparameters"]["ewc"] == best
+    assert len(report["search"]["ssr"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "ewc,magic"], "unknown method 'magic'"),
+        (["--methods", "pnn", "--scenario", "class"], "method 'pnn' cannot run in the 'class' scenario"),
+        (["--scenario", "online"], "`scenario` must be one or more of"),
+        (["--seeds", "0"], "`seeds` must be an int >= 1, got 0"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+    ],
+)
+def test_bad_options_give_clear_errors(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--no-progress", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "lightning_ssr.cli", "bench", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--search-budget" in out.stdout and "digits" in out.stdout
+
+
+def test_resolve_methods_adds_the_baselines_of_each_runner() -> None:
+    assert [m.name for m in resolve_methods("ssr", "class")] == ["naive-lightning", "ssr"]
+    assert [m.name for m in resolve_methods("pnn,ewc", "task")] == ["naive", "ewc", "pnn"]
+    names = [m.name for m in resolve_methods("ablations", "domain")]
+    assert "ssr-no-scaling" in names and "ssr-no-consolidation" in names and "ssr-plugin" not in names
+
+
+def test_state_bytes_counts_what_a_plugin_keeps_beyond_the_model() -> None:
+    import torch
+    from torch import nn
+
+    model = nn.Linear(10, 10)
+
+    class Holder:
+        __module__ = "lightning_ssr.fake"
+
+        def __init__(self) -> None:
+            self.copy = {"w": model.weight.detach().clone()}
+            self.live = model.weight  # the model's own: not counted
+
+    assert state_bytes(Holder(), model) == 100 * 4
