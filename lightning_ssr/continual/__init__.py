@@ -1,0 +1,35 @@
+"""Continual learning with Lightning: run a module through a stream and measure what it forgets.
+
+* :func:`fit_stream` / :class:`StreamRunner`: train on each experience of a stream (one fresh,
+  lean ``Trainer`` per experience with the same callbacks, one logger run), evaluate on every test
+  experience, checkpoint and resume exactly.
+* :class:`ClassifierModule`: any ``nn.Module`` classifier as a LightningModule for the stream.
+* :class:`ExperienceAccuracy` (a torchmetrics ``Metric``), :func:`average_accuracy`,
+  :func:`average_forgetting`, :func:`forgetting`, :func:`backward_transfer` and
+  :class:`StreamResult`, with Avalanche's definitions.
+"""
+
+from lightning_ssr.continual.metrics import (
+    ExperienceAccuracy,
+    StreamResult,
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    forgetting,
+)
+from lightning_ssr.continual.module import OPTIMIZERS, ClassifierModule, unpack_batch
+from lightning_ssr.continual.stream import StreamRunner, fit_stream
+
+__all__ = [
+    "OPTIMIZERS",
+    "ClassifierModule",
+    "ExperienceAccuracy",
+    "StreamResult",
+    "StreamRunner",
+    "average_accuracy",
+    "average_forgetting",
+    "backward_transfer",
+    "fit_stream",
+    "forgetting",
+    "unpack_batch",
+]
