@@ -114,9 +114,8 @@ def test_runs_consolidates_once_per_experience_and_leaves_no_hooks(split_fmnist:
     results = strategy.eval(split_fmnist.test_stream)
     accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
     assert 0.0 <= accuracy <= 1.0 and "StreamForgetting/eval_phase/test_stream" in results
-    assert ssr.extra_state_bytes() == sum(
-        t.numel() * 4 for st in ssr.engine.layers.values() for t in st.tensors().values()
-    )
+    states = [*ssr.engine.layers.values(), *ssr.engine.outputs.values()]  # hidden neurons and output units
+    assert ssr.extra_state_bytes() == sum(t.numel() * 4 for st in states for t in st.tensors().values())
 
 
 def test_protected_neurons_change_less_than_without_the_plugin(split_fmnist: ContinualBenchmark) -> None:

@@ -75,6 +75,17 @@ def test_find_layers_leaves_output_out_and_handles_heads() -> None:
             self.heads = nn.ModuleDict({"0": nn.Linear(8, 2), "1": nn.Linear(8, 2)})
 
     assert list(find_layers(MultiHead())) == ["body"]
+
+    from avalanche.models import MultiHeadClassifier
+
+    class AvalancheHeads(nn.Module):  # heads at classifier.classifiers.<task>.classifier
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+            self.classifier = MultiHeadClassifier(8, 2)
+            self.classifier.classifiers["1"] = type(self.classifier.classifiers["0"])(8, 2)
+
+    assert list(find_layers(AvalancheHeads())) == ["body.0", "body.2"]
     assert list(find_layers(tiny_mlp(), include=["4"])) == ["4"]
     assert list(find_layers(tiny_mlp(), exclude=["2"], track_output=True)) == ["0", "4"]
 
@@ -245,6 +256,44 @@ def test_update_protection_divides_the_optimizer_step_even_under_adam() -> None:
     engine.detach()
 
 
+def test_synapses_into_output_units_no_task_used_stay_plastic() -> None:
+    """Class-incremental: after a task on classes 0 and 1, synapses into class 2 learn freely."""
+    import copy
+
+    net = tiny_mlp()
+    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=10.0))
+    engine.attach()
+    x = torch.randn(64, 8)
+    y = (x[:, 0] > 0).long()  # a learnable task on classes 0 and 1
+    opt = torch.optim.SGD(net.parameters(), lr=0.2)
+    for _ in range(100):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        engine.before_step()
+        opt.step()
+        engine.after_step()
+    engine.consolidate()
+    out_imp = engine.outputs["4"].importance
+    assert out_imp[2] < 0.01 and out_imp[0] > 1.0  # how often each unit won, relative to the layer
+    free = copy.deepcopy(net)
+    head0 = net[4].weight.detach().clone()
+    y2 = torch.full((64,), 2)
+    for model, eng in ((net, engine), (free, None)):
+        o = torch.optim.SGD(model.parameters(), lr=0.1)
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y2).backward()
+        if eng is not None:
+            eng.before_step()
+        o.step()
+        if eng is not None:
+            eng.after_step()
+    important = engine.layers["2"].importance > 1.0
+    moved = (net[4].weight.detach() - head0).abs()[:, important].sum(1)
+    moved_free = (free[4].weight.detach() - head0).abs()[:, important].sum(1)
+    assert moved[2] > 0.9 * moved_free[2], "synapses into the new class must learn"
+    assert moved[0] < 0.2 * moved_free[0], "synapses between important neurons and an old class are held"
+
+
 @pytest.mark.parametrize("protect_output", [False, True])
 def test_output_layer_and_new_heads_stay_plastic_by_default(protect_output: bool) -> None:
     net = tiny_mlp()
@@ -301,8 +350,8 @@ def test_state_is_o_neurons_and_round_trips() -> None:
     engine.attach()
     _train_steps(engine, net, 3, torch.randn(8, 8))
     engine.consolidate()
-    neurons = sum(st.n for st in engine.layers.values())
-    assert engine.extra_state_bytes() == neurons * 9 * 4  # nine float32 vectors per neuron
+    neurons = sum(st.n for st in [*engine.layers.values(), *engine.outputs.values()])
+    assert engine.extra_state_bytes() == neurons * 9 * 4  # nine float32 vectors per neuron (and output unit)
     state = engine.state_dict()
     other = SSREngine(tiny_mlp(hidden=16), SSRConfig(update_every=1, scaling_rate=0.5))
     other.load_state_dict(state)
@@ -325,7 +374,7 @@ def test_reduce_fn_sees_one_flat_float32_tensor() -> None:
     engine = SSREngine(net, SSRConfig(update_every=1, tau=1.0), reduce_fn=reduce)
     engine.attach()
     _train_steps(engine, net, 1, torch.randn(4, 8))
-    assert len(seen) == 1 and seen[0].dtype == torch.float32 and seen[0].numel() == 32
+    assert len(seen) == 1 and seen[0].dtype == torch.float32 and seen[0].numel() == 16 + 16 + 3  # two layers and the output
     assert_close(engine.layers["0"].activity, torch.ones(16))
 
 

@@ -84,9 +84,11 @@ class SSRConfig:
             Default: ``"update"``.
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
             input columns) where the consumer is a tracked layer. Default: ``True``.
-        protect_output: also protect the output layer's input columns. Off by default: a head
-            that cannot move its weights from important neurons cannot learn new classes, and a
-            head created for a new task would start frozen. Default: ``False``.
+        protect_output: also protect the synapses into the (untracked) output layer, each by the
+            importance of both its ends: the hidden neuron's and the output unit's (how often it
+            won the argmax on past tasks, relative to the layer: an output unit "fires" when it
+            wins). Synapses into output units that no past task used (new classes) stay free, and
+            a head created for a new task is never gated. Default: ``True``.
         scale_bias: scale a neuron's bias with its incoming weights. Default: ``True``.
         eps: numerical floor for divisions. Default: ``1e-8``.
 
@@ -113,7 +115,7 @@ class SSRConfig:
     importance: str = "activity"
     protection: str = "update"
     gate_outgoing: bool = True
-    protect_output: bool = False
+    protect_output: bool = True
     scale_bias: bool = True
     eps: float = field(default=1e-8)
 

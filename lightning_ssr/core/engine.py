@@ -26,6 +26,7 @@ from lightning_ssr.core.layers import (
     DEFAULT_LAYER_TYPES,
     channel_dim,
     find_layers,
+    find_output_layers,
     input_groups,
     num_neurons,
     weight_rows,
@@ -147,6 +148,14 @@ class SSREngine:
             name: LayerState(name, m)
             for name, m in find_layers(model, layer_types, include, exclude, track_output).items()
         }
+        #: Output layers left untracked: sensed (which unit wins the argmax) for importance only, so that
+        #: the synapses into them can be protected by pre- and post-synaptic importance together.
+        self.outputs: dict[str, LayerState] = {}
+        if self.config.protect_output and self.config.gate_outgoing:
+            self.outputs = {
+                name: LayerState(name, m) for name, m in find_output_layers(model, layer_types).items()
+                if name not in self.layers
+            }
         self.reduce_fn = reduce_fn
         self.step = 0
         self.task_step = 0
@@ -158,7 +167,7 @@ class SSREngine:
         self._order: list[nn.Module] = []
         self._snapshots: dict[nn.Parameter, Tensor] = {}
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
-        self._gated: list[tuple[nn.Parameter, list[tuple[tuple[int, ...], tuple[int, ...], LayerState]]]] = []
+        self._gated: list[tuple[nn.Parameter, list[tuple[str, LayerState, Optional[LayerState]]]]] = []
 
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
@@ -167,6 +176,8 @@ class SSREngine:
             return
         for st in self.layers.values():
             self._hooks.append(st.module.register_forward_hook(self._make_hook(st)))
+        for st in self.outputs.values():
+            self._hooks.append(st.module.register_forward_hook(self._make_hook(st, output_layer=True)))
         self._record_order()
 
     def detach(self) -> None:
@@ -183,9 +194,13 @@ class SSREngine:
     def attached(self) -> bool:
         return bool(self._hooks)
 
-    def _make_hook(self, st: LayerState) -> Callable[..., None]:
-        phi, cdim = self.phi, st.cdim
-        want_live = self.config.protection == "penalty" and self.config.consolidation > 0
+    def _all_states(self) -> list[LayerState]:
+        return [*self.layers.values(), *self.outputs.values()]
+
+    def _make_hook(self, st: LayerState, output_layer: bool = False) -> Callable[..., None]:
+        cdim = st.cdim
+        phi = (lambda z: torch.zeros_like(z).scatter_(cdim, z.argmax(cdim, keepdim=True), 1.0)) if output_layer else self.phi
+        want_live = self.config.protection == "penalty" and self.config.consolidation > 0 and not output_layer
 
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
             if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Tensor):
@@ -243,25 +258,56 @@ class SSREngine:
         return self.tasks > 0 and self.config.consolidation > 0
 
     def _build_gated(self) -> None:
-        """Group, per parameter, the views on which each layer's gate acts."""
-        groups: dict[int, tuple[nn.Parameter, list]] = {}
+        """List, per parameter, the gates acting on it.
 
-        def add(p: Optional[nn.Parameter], shape: tuple[int, ...], gshape: tuple[int, ...], st: LayerState) -> None:
+        A tracked layer's incoming weights and bias are gated by its neurons (``rows``); the
+        weights of a tracked consumer by its producer's neurons too (``cols``); the output layer's
+        weights (``protect_output``) by pre- and post-synaptic importance together (``hebb``), so
+        that synapses into output units that past tasks never used (new classes) stay plastic.
+        Parameters created after the last consolidation (a new task's head) are never gated.
+        """
+        groups: dict[int, tuple[nn.Parameter, list[tuple[str, LayerState, Optional[LayerState]]]]] = {}
+
+        def add(p: Optional[nn.Parameter], kind: str, st: LayerState, other: Optional[LayerState] = None) -> None:
             if p is None or not p.requires_grad:
                 return
-            groups.setdefault(id(p), (p, []))[1].append((shape, gshape, st))
+            groups.setdefault(id(p), (p, []))[1].append((kind, st, other))
 
+        tracked = {id(st.module): st for st in self.layers.values()}
+        outputs = {id(st.module): st for st in self.outputs.values()}
         for st in self.layers.values():
-            mod = st.module
-            add(mod.weight, (st.n, -1), (st.n, 1), st)
-            add(getattr(mod, "bias", None), (st.n,), (st.n,), st)
-            if st.consumer is not None and self.config.gate_outgoing:
-                cons, k = st.consumer
-                tracked = any(cons is other.module for other in self.layers.values())
-                existed = id(cons.weight) in self._consolidated
-                if existed and (tracked or self.config.protect_output):
-                    add(cons.weight, (cons.weight.shape[0], st.n, -1), (1, st.n, 1), st)
+            add(st.module.weight, "rows", st)
+            add(getattr(st.module, "bias", None), "rows", st)
+            if st.consumer is None or not self.config.gate_outgoing:
+                continue
+            cons = st.consumer[0]
+            if id(cons.weight) not in self._consolidated:
+                continue
+            if id(cons) in tracked:
+                add(cons.weight, "cols", st)
+            elif id(cons) in outputs:
+                add(cons.weight, "hebb", st, outputs[id(cons)])
         self._gated = list(groups.values())
+
+    def _gate_of(self, p: nn.Parameter, views: list[tuple[str, LayerState, Optional[LayerState]]]) -> tuple[tuple[int, ...], Tensor]:
+        """One view shape of ``p`` and one broadcastable gate combining all the gates on it."""
+        lam = self.config.consolidation
+        if all(kind == "rows" for kind, _, _ in views):
+            st = views[0][1]
+            shape = (st.n,) if p.dim() == 1 else (st.n, -1)
+            return shape, st.gate.view(st.n, *([1] * (len(shape) - 1)))
+        producer = next(st for kind, st, _ in views if kind != "rows")
+        shape = (p.shape[0], producer.n, -1)
+        gate = torch.ones((p.shape[0], producer.n, 1), dtype=torch.float32, device=producer.gate.device)
+        for kind, st, other in views:
+            if kind == "rows":
+                gate = gate * st.gate.view(-1, 1, 1)
+            elif kind == "cols":
+                gate = gate * st.gate.view(1, -1, 1)
+            else:  # hebb: a synapse between an important output unit and an important neuron
+                post = other.importance.view(-1, 1, 1)
+                gate = gate / (1.0 + lam * post * st.importance.view(1, -1, 1))
+        return shape, gate
 
     def _refresh_gates(self) -> None:
         for st in self.layers.values():
@@ -291,8 +337,8 @@ class SSREngine:
                 for p, views in self._gated:
                     if p.grad is None:
                         continue
-                    for shape, gshape, st in views:
-                        p.grad.view(shape).mul_(st.gate.view(gshape).to(p.grad.dtype))
+                    shape, gate = self._gate_of(p, views)
+                    p.grad.view(shape).mul_(gate.to(p.grad.dtype))
             elif cfg.protection == "update":
                 self._snapshots = {p: p.detach().clone() for p, _ in self._gated if p.grad is not None}
 
@@ -323,26 +369,14 @@ class SSREngine:
                 old = self._snapshots.get(p)
                 if old is None:
                     continue
-                shape, weight = self._combined_gate(views)
-                torch.lerp(old.view(shape), p.view(shape), weight.to(p.dtype), out=p.view(shape))
+                shape, gate = self._gate_of(p, views)
+                torch.lerp(old.view(shape), p.view(shape), gate.to(p.dtype), out=p.view(shape))
         self._snapshots = {}
-
-    @staticmethod
-    def _combined_gate(views: list) -> tuple[tuple[int, ...], Tensor]:
-        """One view shape and one broadcastable gate for all the gates acting on a parameter."""
-        if len(views) == 1:
-            shape, gshape, st = views[0]
-            return shape, st.gate.view(gshape)
-        # a layer that is tracked (rows) and consumes another tracked layer (columns)
-        rows = next(v for v in views if len(v[0]) == 2)
-        cols = next(v for v in views if len(v[0]) == 3)
-        r_st, c_shape, c_st = rows[2], cols[0], cols[2]
-        return c_shape, r_st.gate.view(-1, 1, 1) * c_st.gate.view(1, -1, 1)
 
     def _update(self, scale: bool = True) -> bool:
         cfg = self.config
         steps, self._window = max(self._window, 1), 0
-        active = [st for st in self.layers.values() if st.acc_count > 0]
+        active = [st for st in self._all_states() if st.acc_count > 0]
         if not active:
             return False
         means = torch.cat([st.acc / st.acc_count for st in active])
@@ -371,6 +405,8 @@ class SSREngine:
                 rules.ema_update(st.activity, batch, st.seen, cfg.tau / steps)
                 st.task_activity.add_(batch, alpha=steps)
                 st.task_steps += steps
+                if st.name in self.outputs:
+                    continue  # output layers are sensed for importance only
                 set_point = self._set_point(st, warm)
                 if scaling and warm:
                     st.factor = self._scale(st, set_point)
@@ -440,12 +476,13 @@ class SSREngine:
         next task measures new set points in its warm-up; the long-run activity restarts.
         """
         cfg = self.config
-        if any(st.acc_count for st in self.layers.values()):
+        if any(st.acc_count for st in self._all_states()):
             self._update(scale=False)  # fold in what was sensed since the last update
         with torch.no_grad():
-            for st in self.layers.values():
+            for st in self._all_states():
                 if st.task_steps > 0:
-                    use = st.task_activity if cfg.importance == "activity" else st.task_grad
+                    by_grad = cfg.importance == "activity_grad" and st.name in self.layers
+                    use = st.task_grad if by_grad else st.task_activity
                     st.importance.add_(rules.relative_importance(use / st.task_steps, cfg.eps))
                     st.anchor.copy_(st.task_activity / st.task_steps)
                 st.task_activity.zero_()
@@ -487,7 +524,7 @@ class SSREngine:
     # ------------------------------------------------------------------ state
     def extra_state_bytes(self) -> int:
         """Bytes the engine stores beyond the model (all O(neurons))."""
-        return sum(t.numel() * t.element_size() for st in self.layers.values() for t in st.tensors().values())
+        return sum(t.numel() * t.element_size() for st in self._all_states() for t in st.tensors().values())
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: counters and every per-neuron tensor."""
@@ -498,13 +535,15 @@ class SSREngine:
             "tasks": self.tasks,
             "skipped": self.skipped,
             "window": self._window,
-            "layers": {
-                name: {**{k: v.detach().clone() for k, v in st.tensors().items()},
-                       "acc_count": st.acc_count, "seen": st.seen, "task_steps": st.task_steps,
-                       "has_set_point": st.has_set_point, "has_norm_target": st.has_norm_target}
-                for name, st in self.layers.items()
-            },
+            "layers": {name: self._layer_state(st) for name, st in self.layers.items()},
+            "outputs": {name: self._layer_state(st) for name, st in self.outputs.items()},
         }
+
+    @staticmethod
+    def _layer_state(st: LayerState) -> dict[str, Any]:
+        return {**{k: v.detach().clone() for k, v in st.tensors().items()},
+                "acc_count": st.acc_count, "seen": st.seen, "task_steps": st.task_steps,
+                "has_set_point": st.has_set_point, "has_norm_target": st.has_norm_target}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; the tracked layers must be the same."""
@@ -513,11 +552,14 @@ class SSREngine:
         saved, ours = sorted(state["layers"]), sorted(self.layers)
         if saved != ours:
             raise ValueError(f"SSR state holds layers {saved}, but this model tracks {ours}")
+        saved_out, our_out = sorted(state.get("outputs", {})), sorted(self.outputs)
+        if saved_out != our_out:
+            raise ValueError(f"SSR state holds output layers {saved_out}, but this model senses {our_out}")
         self.step, self.task_step = int(state["step"]), int(state["task_step"])
         self.tasks, self.skipped = int(state["tasks"]), int(state["skipped"])
         self._window = int(state["window"])
-        for name, st in self.layers.items():
-            s = state["layers"][name]
+        for name, st in [*self.layers.items(), *self.outputs.items()]:
+            s = state["layers"][name] if name in self.layers else state["outputs"][name]
             for f in _FIELDS:
                 setattr(st, f, s[f].detach().clone().to(device=st.device, dtype=torch.float32))
             st.acc_count, st.seen, st.task_steps = int(s["acc_count"]), int(s["seen"]), int(s["task_steps"])

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_LAYER_TYPES", "find_layers", "num_neurons", "channel_dim", "input_groups"]
+__all__ = ["DEFAULT_LAYER_TYPES", "find_layers", "find_output_layers", "num_neurons", "channel_dim", "input_groups"]
 
 #: Layer types tracked by default: each output unit (Linear) or output channel (Conv) is a neuron.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -50,11 +50,18 @@ def input_groups(consumer: nn.Module, neurons: int) -> int | None:
 
 
 def _output_layers(candidates: dict[str, nn.Module], model: nn.Module) -> set[str]:
-    """The model's output layer: the last candidate registered, and its siblings in a ModuleDict
-    or ModuleList (the heads of a multi-head model)."""
+    """The model's output layer: the last candidate registered, with its siblings in a ModuleDict
+    or ModuleList, or the layers at the same path under another key of an enclosing ModuleDict
+    (the heads of a multi-head model, e.g. Avalanche's ``classifiers.<task>.classifier``)."""
     if not candidates:
         return set()
     last = list(candidates)[-1]
+    parts = last.split(".")
+    for depth in range(len(parts) - 2, 0, -1):  # heads keyed by task in a ModuleDict, at any depth
+        container = ".".join(parts[:depth])
+        if isinstance(model.get_submodule(container), nn.ModuleDict):
+            rest = ".".join(parts[depth + 1:])
+            return {n for n in candidates if n.startswith(container + ".") and n.split(".")[depth + 1:] == rest.split(".")}
     parent_name = last.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, (nn.ModuleDict, nn.ModuleList)):
@@ -129,6 +136,22 @@ def find_layers(
             f"leaving out the output layer {sorted(outputs)}; pass `track_output=True` or `include`"
         )
     return chosen
+
+
+def find_output_layers(model: nn.Module, layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES) -> dict[str, nn.Module]:
+    """The output layer(s) as :func:`find_layers` defines them (the heads of a multi-head model).
+
+    Example:
+        >>> list(find_output_layers(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))))
+        ['2']
+    """
+    types = tuple(layer_types)
+    candidates = {
+        name: m for name, m in model.named_modules()
+        if name and isinstance(m, types) and not (isinstance(m, nn.modules.conv._ConvNd) and m.transposed)
+    }
+    outputs = _output_layers(candidates, model)
+    return {n: m for n, m in candidates.items() if n in outputs}
 
 
 def weight_rows(weight: Tensor, layer: nn.Module) -> Tensor:
