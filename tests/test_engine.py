@@ -412,3 +412,41 @@ def test_config_accepts_a_callable_activity() -> None:
     net(x)
     expected = torch.sigmoid(torch.nn.functional.linear(x, net[0].weight, net[0].bias)).mean(0).detach()
     assert_close(engine.layers["0"].acc, expected)
+
+
+def test_rule_is_local_each_neuron_uses_only_its_own_activity() -> None:
+    """Perturbing one neuron changes that neuron's scale factor and no other's."""
+    import copy
+
+    x = torch.randn(32, 8)
+    base = tiny_mlp()
+    factors = []
+    for boost in (1.0, 3.0):
+        net = copy.deepcopy(base)
+        with torch.no_grad():
+            net[0].weight[5].mul_(boost)  # neuron 5 of layer 0 fires more
+        engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=0.5, set_point=0.2, warmup_steps=0, max_change=0.5))
+        engine.attach()
+        net(x)
+        engine.before_step()
+        engine.after_step()
+        factors.append(engine.layers["0"].factor.clone())
+    changed = (factors[0] != factors[1]).nonzero().flatten().tolist()
+    assert changed == [5]
+
+
+def test_slow_timescale_long_run_activity_forgets_with_time_constant_tau() -> None:
+    """A step change of input reaches the long-run activity only over ~tau steps."""
+    net = tiny_mlp()
+    engine = SSREngine(net, SSRConfig(update_every=1, tau=20.0))
+    engine.attach()
+    x = torch.randn(64, 8).abs()
+    _train_steps(engine, net, 40, x)  # settle on the first input
+    before = engine.layers["0"].activity.clone()
+    with torch.no_grad():
+        target = torch.relu(torch.nn.functional.linear(x * 4.0, net[0].weight, net[0].bias)).mean(0)
+    _train_steps(engine, net, 20, x * 4.0)  # one time constant later
+    reached = (engine.layers["0"].activity - before) / (target - before)
+    alive = (target - before).abs() > 1e-3
+    # after tau steps an exponential average has covered 1 - (1 - 1/tau)^tau ~ 64 % of the jump
+    assert_close(reached[alive], torch.full_like(reached[alive], 1 - (1 - 1 / 20) ** 20), atol=1e-4, rtol=0)
