@@ -438,7 +438,7 @@ def test_rule_is_local_each_neuron_uses_only_its_own_activity() -> None:
 def test_slow_timescale_long_run_activity_forgets_with_time_constant_tau() -> None:
     """A step change of input reaches the long-run activity only over ~tau steps."""
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(update_every=1, tau=20.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, tau=20.0, scaling_rate=0.0))
     engine.attach()
     x = torch.randn(64, 8).abs()
     _train_steps(engine, net, 40, x)  # settle on the first input

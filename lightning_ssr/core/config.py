@@ -53,7 +53,7 @@ class SSRConfig:
         activity: the firing-rate proxy ``phi`` applied to each tracked layer's output:
             ``"relu"``, ``"abs"``, ``"square"`` or a callable on tensors. Default: ``"relu"``.
         tau: time constant, in optimizer steps, of each neuron's long-run activity (an
-            exponential moving average). Default: ``100.0``.
+            exponential moving average). Default: ``50.0``.
         update_every: every ``k`` optimizer steps, reduce the activity sensed over those steps
             across processes, update long-run activity and apply homeostatic scaling (homeostasis
             is slow; fewer updates cost less). Default: ``10``.
@@ -63,9 +63,9 @@ class SSRConfig:
             Default: ``"self"``.
         warmup_steps: optimizer steps of each task during which activity is measured but no
             scaling is applied; with ``set_point="self"`` the set points are taken at its end.
-            Default: ``20``.
+            Default: ``10``.
         scaling_rate: ``eta_scale`` of the scaling rule ``f_i = 1 + eta_scale * (s_i - a_i)``;
-            ``0`` disables activity scaling. Default: ``0.0``.
+            ``0`` disables activity scaling. Default: ``0.1``.
         norm_rate: rate at which each neuron's incoming-weight norm is pulled back to its set
             point (synaptic-total homeostasis); ``0`` disables it. Default: ``0.0``.
         max_change: bound on the fractional change of any weight in one update, in ``(0, 1)``.
@@ -73,10 +73,13 @@ class SSRConfig:
         remeasure_set_points: with ``set_point="self"``, measure new set points in the warm-up
             of every task (``True``) or keep those of the first task (``False``). Default: ``True``.
         consolidation: strength ``lambda`` of the protection of important neurons; ``0``
-            disables consolidation. Default: ``1.0``.
+            disables consolidation. Default: ``10.0``.
         importance: what makes a neuron important at the end of a task: ``"activity"`` (its
             mean activity relative to its layer) or ``"activity_grad"`` (its incoming
             ``|w * grad|`` relative to its layer). Default: ``"activity"``.
+        accumulate: how importance gathers over tasks: ``"sum"`` (protection keeps growing with
+            every task a neuron served) or ``"max"`` (it saturates at the neuron's largest use of any
+            one task, leaving plasticity for later tasks). Default: ``"max"``.
         protection: how important neurons are protected: ``"gradient"`` (gradients of their
             incoming and outgoing weights divided by ``1 + lambda * importance``), ``"update"``
             (the optimizer's change to those weights divided likewise, which also holds under
@@ -95,7 +98,7 @@ class SSRConfig:
     Example:
         >>> cfg = SSRConfig(scaling_rate=0.01, consolidation=5.0)
         >>> cfg.tau
-        100.0
+        50.0
         >>> SSRConfig(tau=0.5)
         Traceback (most recent call last):
         ...
@@ -103,16 +106,17 @@ class SSRConfig:
     """
 
     activity: ActivityFn = "relu"
-    tau: float = 100.0
+    tau: float = 50.0
     update_every: int = 10
     set_point: Union[str, float] = "self"
-    warmup_steps: int = 20
-    scaling_rate: float = 0.0
+    warmup_steps: int = 10
+    scaling_rate: float = 0.1
     norm_rate: float = 0.0
     max_change: float = 0.01
     remeasure_set_points: bool = True
-    consolidation: float = 1.0
+    consolidation: float = 10.0
     importance: str = "activity"
+    accumulate: str = "max"
     protection: str = "update"
     gate_outgoing: bool = True
     protect_output: bool = True
@@ -135,6 +139,7 @@ class SSRConfig:
         _check_number("max_change", self.max_change, 0.0, 1.0, low_open=True, high_open=True)
         _check_number("consolidation", self.consolidation, 0.0, math.inf)
         _check_choice("importance", self.importance, _IMPORTANCES)
+        _check_choice("accumulate", self.accumulate, ("sum", "max"))
         _check_choice("protection", self.protection, _PROTECTIONS)
         _check_number("eps", self.eps, 0.0, 1.0, low_open=True)
         for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias"):

@@ -483,7 +483,11 @@ class SSREngine:
                 if st.task_steps > 0:
                     by_grad = cfg.importance == "activity_grad" and st.name in self.layers
                     use = st.task_grad if by_grad else st.task_activity
-                    st.importance.add_(rules.relative_importance(use / st.task_steps, cfg.eps))
+                    rel = rules.relative_importance(use / st.task_steps, cfg.eps)
+                    if cfg.accumulate == "sum":
+                        st.importance.add_(rel)
+                    else:
+                        torch.maximum(st.importance, rel, out=st.importance)
                     st.anchor.copy_(st.task_activity / st.task_steps)
                 st.task_activity.zero_()
                 st.task_grad.zero_()
