@@ -274,6 +274,21 @@ class SynapticScaling(Callback):
         else:
             self.engine.load_state_dict(state_dict)
 
+    def neuron_statistics(self) -> dict[str, dict[str, Tensor]]:
+        """Per-neuron state of every tracked layer, as float32 CPU copies (for histograms).
+
+        For each layer: ``activity`` (long-run), ``set_point`` (the layer's mean activity under
+        ``set_point="layer_mean"``; NaN until measured), ``activity_minus_set_point``, ``factor``
+        (the last scale factors applied to the incoming weights) and ``importance`` (accumulated
+        over consolidated tasks). Identical on every process under DDP. Empty before set-up.
+        :class:`~lightning_ssr.loggers.SSRWandbHistograms` logs them to Weights & Biases.
+
+        Example:
+            >>> SynapticScaling().neuron_statistics()
+            {}
+        """
+        return self.engine.neuron_statistics() if self.engine is not None else {}
+
     def extra_state_bytes(self) -> int:
         """Bytes of SSR state beyond the model (O(neurons)); 0 before set-up."""
         return self.engine.extra_state_bytes() if self.engine is not None else 0

@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench_results", help="output directory")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.add_argument("--wandb", action="store_true", help="log every stream to Weights & Biases (one run per stream)")
-    b.add_argument("--wandb-project", default="lightning-ssr")
+    b.add_argument("--wandb", action="store_true",
+                   help="log every stream to Weights & Biases, one run per (scenario, method, seed), under OUT/wandb "
+                        "(set WANDB_MODE=offline to keep the runs on disk; upload them later with wandb sync)")
+    b.add_argument("--wandb-project", default="lightning-ssr", help="the W&B project of --wandb")
     return parser
 
 
@@ -68,13 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             search_budget=args.search_budget, out=args.out, plots=not args.no_plots, progress=not args.no_progress,
             wandb=args.wandb, wandb_project=args.wandb_project,
         )
-        factory = None
-        if opts.wandb:
-            from lightning_ssr.loggers import wandb_logger_factory
-
-            factory = wandb_logger_factory(opts.wandb_project, opts.out)
-        run_bench(opts, logger_factory=factory)
-    except (ValueError, TypeError, DatasetNotFoundError) as err:
+        run_bench(opts)  # with --wandb: one W&B run per stream (lightning_ssr.loggers.wandb_logger_factory)
+    except (ValueError, TypeError, ImportError, DatasetNotFoundError) as err:
         parser.error(f"bench: {err}")
     return 0
 

@@ -83,7 +83,10 @@ class BenchOptions:
 
 def _quiet() -> None:
     warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "avalanche"):
+    # Avalanche's @deprecated re-inserts a "once" filter on every call; route warnings to a
+    # logger instead, which filter edits cannot reach
+    logging.captureWarnings(True)
+    for name in ("py.warnings", "lightning.pytorch", "lightning.fabric", "lightning", "avalanche"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -110,11 +113,19 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
               echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark for every scenario of ``opts``; print tables, write results and plots.
 
+    With ``opts.wandb`` and no ``logger_factory``, every (scenario, method, seed) stream is one
+    Weights & Biases run in project ``opts.wandb_project``, written under ``opts.out/wandb``
+    (see :func:`lightning_ssr.loggers.wandb_logger_factory`; ``WANDB_MODE=offline`` keeps them on disk).
+
     Returns:
         Per scenario: ``{"rows": summary rows, "runs": {method: [StreamResult per seed]},
         "search": ..., "files": {...}}``.
     """
     _quiet()
+    if logger_factory is None and opts.wandb:
+        from lightning_ssr.loggers import wandb_logger_factory
+
+        logger_factory = wandb_logger_factory(opts.wandb_project, opts.out)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size)
     plan = {s: resolve_methods(opts.methods, s) for s in opts.scenarios}

@@ -217,6 +217,10 @@ def run_lightning(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
             if tick is not None:
                 tick()
 
+    if ssr is not None and logger is not None:
+        from lightning_ssr.loggers import SSRWandbHistograms
+
+        callbacks.append(SSRWandbHistograms(ssr))  # logs only to W&B loggers, else does nothing
     callbacks.append(_Tick())
     result = fit_stream(
         module, bench, callbacks=callbacks, logger=logger, epochs=s.epochs, batch_size=s.batch_size,

@@ -151,7 +151,7 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, _, y = self._shared_step(batch)
         if self._log_loss:
-            self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=y.shape[0])
+            self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=y.shape[0], sync_dist=True)
         return loss
 
     @override

@@ -87,6 +87,7 @@ class _StreamLogger(Logger):
         super().__init__()
         self._logger = logger
         self.offset = 0
+        self._logged_hparams: set[str] = set()
 
     @property
     def logger(self) -> Logger:
@@ -134,6 +135,11 @@ class _StreamLogger(Logger):
     @override
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        # every experience's fit logs the module's hyperparameters again: pass each set on once
+        key = repr((params, args, kwargs))
+        if key in self._logged_hparams:
+            return
+        self._logged_hparams.add(key)
         self._logger.log_hyperparams(params, *args, **kwargs)
 
     @override
@@ -156,9 +162,49 @@ class _StreamLogger(Logger):
         self._logger.after_save_checkpoint(checkpoint_callback)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_logger":
+        if name.startswith("__") or name in ("_logger", "_logged_hparams"):
             raise AttributeError(name)
         return getattr(self._logger, name)
+
+
+class _LogStreamConfig(Callback):
+    """Logs the stream's configuration once, from the global-zero process, when the first fit sets up.
+
+    Before the first ``fit`` a process cannot always tell its global rank (Lightning's own launcher
+    on several nodes sets it while the strategy sets up), so the configuration waits until then,
+    and a multi-node run still creates one logger run only.
+    """
+
+    def __init__(self) -> None:
+        self.pending: Optional[tuple[list[Logger], dict[str, Any]]] = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "lightning_ssr.continual.stream._LogStreamConfig"
+
+    def flush(self, is_global_zero: bool) -> None:
+        if self.pending is None:
+            return
+        loggers, params = self.pending
+        self.pending = None
+        if is_global_zero:
+            for lg in loggers:
+                lg.log_hyperparams(params)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.flush(trainer.is_global_zero)
+
+
+def _log_stream_result(logger: Logger, result: StreamResult) -> None:
+    """W&B loggers get the accuracy matrix as a table and a heatmap, and the summary (wandb imported lazily)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        from lightning_ssr.loggers import log_stream_result
+
+        log_stream_result(logger, result)
 
 
 @contextmanager
@@ -502,6 +548,7 @@ class StreamRunner:
             if isinstance(getattr(benchmark, k, None), (str, int))
         }
         self._wrapped = [_StreamLogger(lg) for lg in self.loggers]
+        self._log_config = _LogStreamConfig()
         self.trainer: Optional[pl.Trainer] = None
         self.result: Optional[StreamResult] = None
 
@@ -567,8 +614,9 @@ class StreamRunner:
         )
 
     def _all_callbacks(self) -> list[Callback]:
-        """The user's callbacks, after the optimizer-state carrier (which must load state first)."""
-        return ([self._carry] if self._carry is not None else []) + list(self.callbacks)
+        """The user's callbacks, after the optimizer-state carrier (which must load state first) and the
+        configuration logger."""
+        return ([self._carry] if self._carry is not None else []) + [self._log_config] + list(self.callbacks)
 
     def _train_loader(self, ds: Dataset, i: int, pin: bool) -> DataLoader:
         gen = None
@@ -720,9 +768,9 @@ class StreamRunner:
             if state is not None:
                 rows, offset = state["rows"], state["step_offset"]
                 elapsed_before, start = state["elapsed_s"], state["completed"]
-        if rank_zero_only.rank == 0:
-            for lg in self.loggers:
-                lg.log_hyperparams({"stream": self._config(), "method": self.method})
+        if self.loggers:
+            self._log_config.pending = (self.loggers, {"stream": self._config(), "method": self.method,
+                                                       "method_config": _jsonable(self.method_config)})
         end = n_train if stop_after is None else stop_after
         for i in range(start, end):
             if self.cfg.seed is not None:
@@ -751,10 +799,12 @@ class StreamRunner:
             self._log_row(i, rows, offset)
             if self.ckpt_dir is not None:
                 self._save(self.ckpt_dir, trainer, i, rows, offset, elapsed_before + time.perf_counter() - start_time)
+        self.result = self._result(rows, elapsed_before + time.perf_counter() - start_time)
+        self._log_config.flush(rank_zero_only.rank == 0)  # when resumed after the last experience
         if end == n_train and rank_zero_only.rank == 0:
             for lg in self.loggers:
+                _log_stream_result(lg, self.result)
                 lg.finalize("success")
-        self.result = self._result(rows, elapsed_before + time.perf_counter() - start_time)
         return self.result
 
     def _log_row(self, i: int, rows: Mapping[str, list], step: int) -> None:
@@ -835,6 +885,11 @@ def fit_stream(
     experience, ``stream/average_accuracy`` (all test experiences), ``stream/average_accuracy_seen``
     (those trained so far), ``stream/average_forgetting``, ``stream/backward_transfer``,
     ``stream/experience`` and ``stream/train_time_s``; plus whatever the module and callbacks log.
+    Once, from the global-zero process when the first experience's Trainer is set up, the run's
+    hyperparameters ``{"stream": ..., "method": ..., "method_config": ...}`` (the stream's settings
+    and, e.g., the SSR configuration). At the end of the stream a Weights & Biases logger
+    (``WandbLogger``) also gets the accuracy matrix as a ``wandb.Table`` and a heatmap and the
+    summary numbers in the run's summary (:func:`lightning_ssr.loggers.log_stream_result`).
 
     Example:
         >>> from torch import nn

@@ -414,6 +414,27 @@ class SSREngine:
                     st.factor.fill_(1.0)
         return True
 
+    def neuron_statistics(self) -> dict[str, dict[str, Tensor]]:
+        """Per-neuron state of every tracked layer, as float32 CPU copies (for histograms).
+
+        For each layer: ``activity`` (long-run), ``set_point`` (the layer's mean activity under
+        ``set_point="layer_mean"``; NaN until measured), ``activity_minus_set_point``, ``factor``
+        (the last scale factors applied to the incoming weights) and ``importance`` (accumulated
+        over consolidated tasks). Identical on every process under DDP.
+        """
+        out: dict[str, dict[str, Tensor]] = {}
+        for name, st in self.layers.items():
+            activity = st.activity.detach().float().cpu()
+            set_point = self._current_set_point(st).detach().float().cpu()
+            out[name] = {
+                "activity": activity,
+                "set_point": set_point,
+                "activity_minus_set_point": activity - set_point,
+                "factor": st.factor.detach().float().cpu(),
+                "importance": st.importance.detach().float().cpu(),
+            }
+        return out
+
     def diagnostics(self) -> dict[str, dict[str, Tensor]]:
         """Per-layer summaries of the last update, computed on demand (0-dim float32 tensors).
 
@@ -423,15 +444,19 @@ class SSREngine:
         """
         out: dict[str, dict[str, Tensor]] = {}
         for st in self.layers.values():
-            sp = st.activity.mean() if self.config.set_point == "layer_mean" else st.set_point
             out[st.name] = {
                 "activity": st.activity.mean(),
-                "deviation": (st.activity - sp).abs().mean(),
+                "deviation": (st.activity - self._current_set_point(st)).abs().mean(),
                 "factor_mean": st.factor.mean(),
                 "factor_min": st.factor.min(),
                 "factor_max": st.factor.max(),
             }
         return out
+
+    def _current_set_point(self, st: LayerState) -> Tensor:
+        if self.config.set_point == "layer_mean":
+            return st.activity.mean().expand_as(st.activity)
+        return st.set_point
 
     def _set_point(self, st: LayerState, warm: bool) -> Tensor:
         sp = self.config.set_point
