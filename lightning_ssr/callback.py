@@ -17,30 +17,9 @@ from typing_extensions import override
 from lightning_ssr.core.config import SSRConfig
 from lightning_ssr.core.engine import NonFiniteActivityWarning, SSREngine
 from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES
+from lightning_ssr.core.validation import check_bool, check_layer_types, check_patterns
 
 __all__ = ["SynapticScaling"]
-
-
-def _check_types(layer_types: Any) -> tuple[type[nn.Module], ...]:
-    if isinstance(layer_types, type):
-        layer_types = (layer_types,)
-    try:
-        types = tuple(layer_types)
-    except TypeError:
-        types = ()
-    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-        raise TypeError(f"`layer_types` must be a non-empty sequence of nn.Module subclasses, got {layer_types!r}")
-    return types
-
-
-def _check_patterns(name: str, patterns: Any) -> Optional[tuple[str, ...]]:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        patterns = (patterns,)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"`{name}` must be a string or a sequence of strings (fnmatch patterns), got {patterns!r}")
-    return tuple(patterns)
 
 
 class SynapticScaling(Callback):
@@ -126,13 +105,12 @@ class SynapticScaling(Callback):
                 "cannot change the loss), got 'penalty'; use the Avalanche SSRPlugin or "
                 "`SSREngine.penalty()` in your own training_step for the penalty form"
             )
-        self.layer_types = _check_types(layer_types)
-        self.include = _check_patterns("include", include)
-        self.exclude = _check_patterns("exclude", exclude) or ()
+        self.layer_types = check_layer_types(layer_types)
+        self.include = check_patterns("include", include, optional=True)
+        self.exclude = check_patterns("exclude", exclude) or ()
         for flag, value in (("track_output", track_output), ("consolidate_on_fit_end", consolidate_on_fit_end),
                             ("log_diagnostics", log_diagnostics), ("drive_norm_layers", drive_norm_layers)):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{flag}` must be a bool, got {value!r}")
+            check_bool(flag, value)
         self.track_output = track_output
         self.consolidate_on_fit_end = consolidate_on_fit_end
         self.log_diagnostics = log_diagnostics

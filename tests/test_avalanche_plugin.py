@@ -266,8 +266,8 @@ def test_config_and_keyword_overrides() -> None:
         ({"consolidation": -1.0}, ValueError, r"`consolidation` must be in"),
         ({"config": {"tau": 3}}, TypeError, r"`config` must be an SSRConfig or None, got dict"),
         ({"layer_types": [nn.ReLU, "Linear"]}, TypeError, r"`layer_types` must be a non-empty sequence"),
-        ({"include": "body.*"}, TypeError, r"`include` must be a sequence of fnmatch patterns \(str\) or None, got 'body.\*'"),
-        ({"exclude": [3]}, TypeError, r"`exclude` must be a sequence of fnmatch patterns \(str\), got \[3\]"),
+        ({"include": 3}, TypeError, r"`include` must be an fnmatch pattern \(str\) or a sequence of them or None, got 3"),
+        ({"exclude": [3]}, TypeError, r"`exclude` must be an fnmatch pattern \(str\) or a sequence of them, got \[3\]"),
         ({"track_output": 1}, TypeError, r"`track_output` must be a bool, got 1"),
     ],
 )

@@ -241,7 +241,7 @@ def test_resume_mid_task_matches_never_stopping(tmp_path: Path) -> None:
     [
         ({"protection": "penalty"}, ValueError, r"`protection` must be 'gradient' or 'update' in the SynapticScaling callback"),
         ({"layer_types": [int]}, TypeError, r"`layer_types` must be a non-empty sequence of nn.Module subclasses"),
-        ({"include": [3]}, TypeError, r"`include` must be a string or a sequence of strings"),
+        ({"include": [3]}, TypeError, r"`include` must be an fnmatch pattern \(str\) or a sequence of them or None, got \[3\]"),
         ({"track_output": "yes"}, TypeError, r"`track_output` must be a bool, got 'yes'"),
         ({"scaling_rate": 11}, ValueError, r"`scaling_rate` must be in \[0.0, 10.0\], got 11"),
         ({"lr": 0.1}, TypeError, r"Unexpected keyword arguments: \['lr'\]"),

@@ -182,7 +182,7 @@ def test_digits_benchmark_is_fast() -> None:
         ({"n_tasks": 2.0}, TypeError, r"`n_tasks` must be an int, got 2.0"),
         ({"protocol": "permuted", "n_tasks": 0}, ValueError, r"`n_tasks` must be in \[1, 100\], got 0"),
         ({"seed": -3}, ValueError, r"`seed` must be in \[0, .*\], got -3"),
-        ({"train_subset": 0}, ValueError, r"`train_subset` must be in \[1, inf\], got 0"),
+        ({"train_subset": 0}, ValueError, r"`train_subset` must be >= 1, got 0"),
         ({"test_subset": "10"}, TypeError, r"`test_subset` must be an int or None, got '10'"),
         ({"protocol": "permuted", "class_order": [0, 1]}, ValueError, r"`class_order` applies to protocol='split'"),
         ({"class_order": [0, 1, 2]}, ValueError, r"`class_order` must be a permutation of 0..9, got \[0, 1, 2\]"),

@@ -382,7 +382,7 @@ def test_reduce_fn_sees_one_flat_float32_tensor() -> None:
     ("kwargs", "message"),
     [
         ({"tau": 0.5}, r"`tau` must be in \[1.0, inf\], got 0.5"),
-        ({"update_every": 0}, r"`update_every` must be in \[1, inf\], got 0"),
+        ({"update_every": 0}, r"`update_every` must be >= 1, got 0"),
         ({"update_every": 1.5}, r"`update_every` must be an int, got 1.5"),
         ({"set_point": "median"}, r"`set_point` must be one of \['self', 'layer_mean'\], got 'median'"),
         ({"set_point": -0.1}, r"`set_point` must be in \[0.0, inf\], got -0.1"),

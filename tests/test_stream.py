@@ -250,10 +250,10 @@ def test_ddp_counts_every_test_sample_once(tmp_path) -> None:
     ("kwargs", "error", "match"),
     [
         ({"epochs": 0}, ValueError, r"`epochs` must be >= 1, got 0"),
-        ({"batch_size": "32"}, TypeError, r"`batch_size` must be an int >= 1, got '32' of type str"),
+        ({"batch_size": "32"}, TypeError, r"`batch_size` must be an int, got '32' of type str"),
         ({"eval_batch_size": 0}, ValueError, r"`eval_batch_size` must be >= 1, got 0"),
         ({"num_workers": -1}, ValueError, r"`num_workers` must be >= 0, got -1"),
-        ({"seed": 1.5}, TypeError, r"`seed` must be an int or None >= 0, got 1.5"),
+        ({"seed": 1.5}, TypeError, r"`seed` must be an int or None, got 1.5"),
         ({"trainer_kwargs": {"max_epochs": 3}}, ValueError,
          r"`trainer_kwargs` must not contain 'max_epochs' \(pass `epochs=` to the stream runner\), "
          r"got trainer_kwargs\['max_epochs'\]=3"),

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ssr.core import DEFAULT_LAYER_TYPES, SSRConfig, SSREngine
+from lightning_ssr.core.validation import check_layer_types, check_patterns
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -89,9 +90,9 @@ class SSRPlugin(SupervisedPlugin):
     ) -> None:
         super().__init__()
         self._config = SSRConfig.from_kwargs(config, **hparams)
-        self.layer_types = _check_layer_types(layer_types)
-        self.include = _check_patterns("include", include, optional=True)
-        self.exclude = _check_patterns("exclude", exclude)
+        self.layer_types = check_layer_types(layer_types)
+        self.include = check_patterns("include", include, optional=True)
+        self.exclude = check_patterns("exclude", exclude)
         if not isinstance(track_output, bool):
             raise TypeError(f"`track_output` must be a bool, got {track_output!r}")
         self.track_output = track_output
@@ -238,27 +239,4 @@ class SSRPlugin(SupervisedPlugin):
         layers = list(self.engine.layers) if self.engine is not None else "not built"
         return f"{type(self).__name__}(config={self._config!r}, layers={layers})"
 
-
-def _check_layer_types(layer_types: Any) -> tuple[type[nn.Module], ...]:
-    if isinstance(layer_types, type):
-        layer_types = (layer_types,)
-    if not isinstance(layer_types, Sequence) or not layer_types or not all(
-        isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
-    ):
-        raise TypeError(
-            "`layer_types` must be a non-empty sequence of torch.nn.Module subclasses "
-            f"(e.g. (nn.Linear, nn.Conv2d)), got {layer_types!r}"
-        )
-    return tuple(layer_types)
-
-
-def _check_patterns(name: str, patterns: Any, optional: bool = False) -> Any:
-    if optional and patterns is None:
-        return None
-    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not all(
-        isinstance(p, str) for p in patterns
-    ):
-        allowed = "a sequence of fnmatch patterns (str)" + (" or None" if optional else "")
-        raise TypeError(f"`{name}` must be {allowed}, got {patterns!r}")
-    return tuple(patterns)
 

@@ -53,6 +53,7 @@ from lightning_ssr.continual.metrics import (
     backward_transfer,
 )
 from lightning_ssr.continual.module import unpack_batch
+from lightning_ssr.core.validation import check_int
 
 __all__ = ["StreamRunner", "fit_stream"]
 
@@ -382,16 +383,6 @@ class _Shard(torch.utils.data.Sampler):
 
 
 # ------------------------------------------------------------------------------- validation
-def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "an int or None" if optional else "an int"
-        raise TypeError(f"`{name}` must be {kind} >= {low}, got {value!r} of type {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"`{name}` must be >= {low}, got {value!r}")
-
-
 def _check_loggers(logger: Any) -> list[Logger]:
     if logger is None or logger is False:
         return []
@@ -500,11 +491,11 @@ class StreamRunner:
             if not isinstance(cb, Callback):
                 raise TypeError(f"`callbacks[{i}]` must be a lightning.pytorch Callback, got {type(cb).__name__}")
         self.loggers = _check_loggers(logger)
-        _check_int("epochs", epochs, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("eval_batch_size", eval_batch_size, 1, optional=True)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, 0, optional=True)
+        check_int("epochs", epochs, 1)
+        check_int("batch_size", batch_size, 1)
+        check_int("eval_batch_size", eval_batch_size, 1, optional=True)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed, 0, optional=True)
         if trainer_kwargs is None:
             trainer_kwargs = {}
         if not isinstance(trainer_kwargs, Mapping):
@@ -755,7 +746,7 @@ class StreamRunner:
             A :class:`~lightning_ssr.continual.StreamResult`; ``result.completed`` rows.
         """
         n_train = len(self.train_stream)
-        _check_int("stop_after", stop_after, 1, optional=True)
+        check_int("stop_after", stop_after, 1, optional=True)
         if stop_after is not None and stop_after > n_train:
             raise ValueError(f"`stop_after` must be in [1, {n_train}] (the stream's experiences), got {stop_after}")
         start_time = time.perf_counter()

@@ -10,6 +10,8 @@ from typing import Any, Union
 
 import torch
 
+from lightning_ssr.core.validation import check_bool, check_choice, check_int, check_number
+
 __all__ = ["ActivityFn", "SSRConfig"]
 
 ActivityFn = Union[str, Callable[[torch.Tensor], torch.Tensor]]
@@ -34,11 +36,6 @@ def _check_number(name: str, value: Any, low: float, high: float, *, low_open: b
         lb = "(" if low_open else "["
         hb = ")" if high_open else "]"
         raise ValueError(f"`{name}` must be in {lb}{low}, {high}{hb}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass
@@ -125,26 +122,25 @@ class SSRConfig:
 
     def __post_init__(self) -> None:
         if not callable(self.activity):
-            _check_choice("activity", self.activity, _ACTIVITIES)
-        _check_number("tau", self.tau, 1.0, math.inf)
+            check_choice("activity", self.activity, _ACTIVITIES)
+        check_number("tau", self.tau, 1.0)
         self.tau = float(self.tau)
-        _check_number("update_every", self.update_every, 1, math.inf, integer=True)
+        check_int("update_every", self.update_every, 1)
         if isinstance(self.set_point, str):
-            _check_choice("set_point", self.set_point, _SET_POINTS)
+            check_choice("set_point", self.set_point, _SET_POINTS)
         else:
-            _check_number("set_point", self.set_point, 0.0, math.inf, low_open=False)
-        _check_number("warmup_steps", self.warmup_steps, 0, math.inf, integer=True)
-        _check_number("scaling_rate", self.scaling_rate, 0.0, 10.0)
-        _check_number("norm_rate", self.norm_rate, 0.0, 1.0)
-        _check_number("max_change", self.max_change, 0.0, 1.0, low_open=True, high_open=True)
-        _check_number("consolidation", self.consolidation, 0.0, math.inf)
-        _check_choice("importance", self.importance, _IMPORTANCES)
-        _check_choice("accumulate", self.accumulate, ("sum", "max"))
-        _check_choice("protection", self.protection, _PROTECTIONS)
-        _check_number("eps", self.eps, 0.0, 1.0, low_open=True)
+            check_number("set_point", self.set_point, 0.0)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_number("scaling_rate", self.scaling_rate, 0.0, 10.0)
+        check_number("norm_rate", self.norm_rate, 0.0, 1.0)
+        check_number("max_change", self.max_change, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("consolidation", self.consolidation, 0.0)
+        check_choice("importance", self.importance, _IMPORTANCES)
+        check_choice("accumulate", self.accumulate, ("sum", "max"))
+        check_choice("protection", self.protection, _PROTECTIONS)
+        check_number("eps", self.eps, 0.0, 1.0, low_open=True)
         for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"`{flag}` must be a bool, got {getattr(self, flag)!r}")
+            check_bool(flag, getattr(self, flag))
 
     @classmethod
     def from_kwargs(cls, config: SSRConfig | None = None, **kwargs: Any) -> SSRConfig:

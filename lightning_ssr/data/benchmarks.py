@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_ssr.core.validation import check_choice, check_int
 from lightning_ssr.data.digits import load_digits
 from lightning_ssr.data.idx import PathLike, load_idx_dataset
 from lightning_ssr.data.tensors import TensorSplit
@@ -124,22 +125,6 @@ class _ImageDataset(Dataset):
         return img, self.y[i]
 
 
-# -------------------------------------------------------------------------- validation
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, low: int, high: float = math.inf, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "an int or None" if optional else "an int"
-        raise TypeError(f"`{name}` must be {kind}, got {value!r} of type {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"`{name}` must be in [{low}, {high}], got {value!r}")
-
-
 # ------------------------------------------------------------------------------ building
 def load_dataset(
     dataset: str = "digits", data_dir: PathLike | None = None, cache_dir: PathLike | None = None
@@ -156,7 +141,7 @@ def load_dataset(
         >>> load_dataset("digits").input_shape
         (1, 8, 8)
     """
-    _check_choice("dataset", dataset, DATASETS)
+    check_choice("dataset", dataset, DATASETS)
     if dataset == "digits":
         return load_digits()
     return load_idx_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir)
@@ -244,17 +229,17 @@ def make_benchmark(
         >>> perm.n_classes, [len(exp.dataset) for exp in perm.train_stream]
         (30, [50, 50, 50])
     """
-    _check_choice("dataset", dataset, DATASETS)
-    _check_choice("protocol", protocol, PROTOCOLS)
-    _check_choice("scenario", scenario, SCENARIOS)
-    _check_int("seed", seed, 0, 2**63 - 1)
-    _check_int("train_subset", train_subset, 1, optional=True)
-    _check_int("test_subset", test_subset, 1, optional=True)
+    check_choice("dataset", dataset, DATASETS)
+    check_choice("protocol", protocol, PROTOCOLS)
+    check_choice("scenario", scenario, SCENARIOS)
+    check_int("seed", seed, 0, 2**63 - 1)
+    check_int("train_subset", train_subset, 1, optional=True)
+    check_int("test_subset", test_subset, 1, optional=True)
     if protocol == "split":
         allowed = (2, 5)
         if n_tasks is None:
             n_tasks = 5
-        _check_int("n_tasks", n_tasks, 1)
+        check_int("n_tasks", n_tasks, 1)
         if n_tasks not in allowed:
             raise ValueError(
                 f"`n_tasks` must be one of {list(allowed)} for protocol='split' (10 classes in equal "
@@ -263,7 +248,7 @@ def make_benchmark(
     else:
         if n_tasks is None:
             n_tasks = 10
-        _check_int("n_tasks", n_tasks, 1, _MAX_PERMUTED_TASKS)
+        check_int("n_tasks", n_tasks, 1, _MAX_PERMUTED_TASKS)
         if class_order is not None:
             raise ValueError(f"`class_order` applies to protocol='split' only, got {class_order!r} with 'permuted'")
 
