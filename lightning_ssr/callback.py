@@ -18,6 +18,7 @@ from lightning_ssr.core.config import SSRConfig
 from lightning_ssr.core.engine import NonFiniteActivityWarning, SSREngine
 from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES
 from lightning_ssr.core.validation import check_bool, check_layer_types, check_patterns
+from lightning_ssr.norm import _SSRNorm, homeostatic_step
 
 __all__ = ["SynapticScaling"]
 
@@ -61,9 +62,11 @@ class SynapticScaling(Callback):
         log_diagnostics: log per-layer ``activity``, ``deviation`` (mean absolute distance to the
             set point) and scale factors under ``ssr/<layer>/...`` every ``log_every_n_steps``.
             Default: ``True``.
-        drive_norm_layers: call ``homeostatic_step()`` of every :class:`~lightning_ssr.SSRNorm2d`
-            (and 1d/3d) in the model after each real optimizer step, instead of letting them
-            update themselves in their forward. Default: ``False``.
+        drive_norm_layers: drive every :class:`~lightning_ssr.SSRNorm2d` (and 1d/3d) of the model:
+            during ``fit`` their ``auto_update`` is off and their homeostatic updates are applied
+            once after each real optimizer step (with one collective for all of them), instead of
+            after every training forward; restored at teardown. Default: ``False`` (the layers
+            update themselves).
         **hparams: fields of :class:`~lightning_ssr.SSRConfig` (``scaling_rate``, ``tau``, ...).
 
     Raises:
@@ -119,6 +122,7 @@ class SynapticScaling(Callback):
         self._pending_state: Optional[dict[str, Any]] = None
         self._step_hooks: list[Any] = []
         self._updated_since_log = False
+        self._driven: dict[nn.Module, bool] = {}
         self._trainer: Optional[pl.Trainer] = None
 
     @property
@@ -149,6 +153,10 @@ class SynapticScaling(Callback):
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
         self.engine.attach()
+        if self.drive_norm_layers:
+            self._driven = {m: m.auto_update for m in pl_module.modules() if isinstance(m, _SSRNorm)}
+            for m in self._driven:
+                m.auto_update = False
 
     def _reduce(self, tensor: Tensor) -> Tensor:
         if self._trainer is None:
@@ -185,11 +193,8 @@ class SynapticScaling(Callback):
         for w in caught:
             rank_zero_warn(str(w.message), category=NonFiniteActivityWarning)
         self._updated_since_log |= updated
-        if self.drive_norm_layers:
-            for m in self.engine.model.modules():
-                step = getattr(m, "homeostatic_step", None)
-                if callable(step):
-                    step()
+        if self._driven:
+            homeostatic_step(self.engine.model)  # every SSRNorm layer, one collective for all
 
     @override
     def on_train_batch_end(
@@ -234,6 +239,9 @@ class SynapticScaling(Callback):
         self._remove_step_hooks()
         if self.engine is not None:
             self.engine.detach()
+        for m, auto in self._driven.items():
+            m.auto_update = auto
+        self._driven = {}
         self._trainer = None
 
     # ----------------------------------------------------------------- state

@@ -297,3 +297,16 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path) -> None:
                 assert_close(r1["ssr"]["layers"][name][key], value, rtol=0, atol=0, equal_nan=True)
     # the ranks saw different data: without the cross-process reduction their activity differs
     assert not torch.equal(r0["local_activity"], r1["local_activity"])
+
+
+@pytest.mark.parametrize("drive", [False, True])
+def test_callback_can_leave_ssrnorm_to_itself_or_drive_it(drive: bool) -> None:
+    from lightning_ssr import SSRNorm1d
+
+    net = nn.Sequential(nn.Linear(8, 16), SSRNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    cb = SynapticScaling(drive_norm_layers=drive)
+    _trainer([cb], accumulate_grad_batches=2).fit(Classifier(net), _loader(n=128))
+    # 8 training forwards, 4 optimizer steps: driven layers update once per real step
+    assert int(net[1].num_batches_tracked) == (4 if drive else 8)
+    assert net[1].auto_update is True  # restored at teardown
+    assert cb.engine.step == 4

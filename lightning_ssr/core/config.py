@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -20,22 +19,6 @@ _ACTIVITIES = ("relu", "abs", "square")
 _SET_POINTS = ("self", "layer_mean")
 _IMPORTANCES = ("activity", "activity_grad")
 _PROTECTIONS = ("gradient", "update", "penalty")
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
-                  high_open: bool = False, integer: bool = False) -> None:
-    kind = "an int" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise TypeError(f"`{name}` must be {kind}, got {value!r} of type {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value!r}")
-    lo_ok = value > low if low_open else value >= low
-    hi_ok = value < high if high_open else value <= high
-    if not (lo_ok and hi_ok):
-        lb = "(" if low_open else "["
-        hb = ")" if high_open else "]"
-        raise ValueError(f"`{name}` must be in {lb}{low}, {high}{hb}, got {value!r}")
 
 
 @dataclass

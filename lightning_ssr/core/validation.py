@@ -19,10 +19,10 @@ def check_bool(name: str, value: Any) -> None:
         >>> check_bool("resume", 1)
         Traceback (most recent call last):
         ...
-        TypeError: `resume` must be a bool, got 1
+        TypeError: `resume` must be a bool, got 1 of type int
     """
     if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {value!r}")
+        raise TypeError(f"`{name}` must be a bool, got {value!r} of type {type(value).__name__}")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
