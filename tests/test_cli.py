@@ -85,7 +85,6 @@ def test_resolve_methods_adds_the_baselines_of_each_runner() -> None:
 
 
 def test_state_bytes_counts_what_a_plugin_keeps_beyond_the_model() -> None:
-    import torch
     from torch import nn
 
     model = nn.Linear(10, 10)
