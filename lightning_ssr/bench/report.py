@@ -136,14 +136,20 @@ def plot_results(out_dir: Path, runs: Mapping[str, Sequence[StreamResult]], titl
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name, linewidth=2.2 if name.startswith("ssr") else 1.2)
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    for k, (name, ys) in enumerate(curves.items()):
+        ssr = name.startswith("ssr")
+        ax.plot(range(1, len(ys) + 1), ys, marker="o" if ssr else "s", label=name, color=colors[k % len(colors)],
+                linestyle="-" if ssr else "--", linewidth=2.2 if name in ("ssr", "ssr-plugin") else 1.2)
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("average accuracy on tasks so far (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(1, max(len(ys) for ys in curves.values()) + 1))
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = out_dir / "average_accuracy.png"
     fig.savefig(path, dpi=110)
