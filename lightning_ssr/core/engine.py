@@ -165,7 +165,10 @@ class SSREngine:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._order_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._order: list[nn.Module] = []
-        self._snapshots: dict[nn.Parameter, Tensor] = {}
+        self._snapshots: dict[int, Tensor] = {}  # reused buffers: large fresh CPU allocations page-fault
+        self._snapped: list[nn.Parameter] = []
+        #: Per gated parameter: its view shape and combined gate, rebuilt only when gates change.
+        self._gate_cache: list[tuple[nn.Parameter, tuple[int, ...], Tensor]] = []
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
         self._gated: list[tuple[nn.Parameter, list[tuple[str, LayerState, Optional[LayerState]]]]] = []
 
@@ -187,6 +190,7 @@ class SSREngine:
         self._hooks.clear()
         self._order_hooks.clear()
         self._snapshots.clear()
+        self._snapped = []
         for st in self.layers.values():
             st.live = None
 
@@ -288,6 +292,11 @@ class SSREngine:
             elif id(cons) in outputs:
                 add(cons.weight, "hebb", st, outputs[id(cons)])
         self._gated = list(groups.values())
+        self._gate_cache = []
+        if self.protecting and all(st.gate is not None for st in self.layers.values()):
+            for p, views in self._gated:
+                shape, gate = self._gate_of(p, views)
+                self._gate_cache.append((p, shape, gate.to(device=p.device, dtype=p.dtype)))
 
     def _gate_of(self, p: nn.Parameter, views: list[tuple[str, LayerState, Optional[LayerState]]]) -> tuple[tuple[int, ...], Tensor]:
         """One view shape of ``p`` and one broadcastable gate combining all the gates on it."""
@@ -332,15 +341,23 @@ class SSREngine:
                         st.task_grad.add_(weight_rows(w.detach() * g, st.module).abs().sum(1).float())
         if not self.protecting:
             return
+        if any(gate.device != p.device for p, _, gate in self._gate_cache):
+            self._build_gated()  # the model moved to another device
         with torch.no_grad():
             if cfg.protection == "gradient":
-                for p, views in self._gated:
+                for p, shape, gate in self._gate_cache:
+                    if p.grad is not None:
+                        p.grad.view(shape).mul_(gate)
+            elif cfg.protection == "update":
+                self._snapped = []
+                for p, _, _ in self._gate_cache:
                     if p.grad is None:
                         continue
-                    shape, gate = self._gate_of(p, views)
-                    p.grad.view(shape).mul_(gate.to(p.grad.dtype))
-            elif cfg.protection == "update":
-                self._snapshots = {p: p.detach().clone() for p, _ in self._gated if p.grad is not None}
+                    buf = self._snapshots.get(id(p))
+                    if buf is None or buf.shape != p.shape or buf.device != p.device or buf.dtype != p.dtype:
+                        buf = self._snapshots[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    buf.copy_(p.detach())
+                    self._snapped.append(p)
 
     def after_step(self) -> bool:
         """Call right after an optimizer step that really happened (not one AMP skipped).
@@ -353,7 +370,7 @@ class SSREngine:
             Whether a homeostatic update was made this step (see :meth:`diagnostics`).
         """
         self._resolve_consumers()
-        if self._snapshots:
+        if self._snapped:
             self._gate_update()
         self.step += 1
         self.task_step += 1
@@ -364,14 +381,13 @@ class SSREngine:
 
     def _gate_update(self) -> None:
         """``p <- old + gate * (p - old)`` in one fused ``lerp`` per parameter."""
+        snapped = {id(p) for p in self._snapped}
         with torch.no_grad():
-            for p, views in self._gated:
-                old = self._snapshots.get(p)
-                if old is None:
-                    continue
-                shape, gate = self._gate_of(p, views)
-                torch.lerp(old.view(shape), p.view(shape), gate.to(p.dtype), out=p.view(shape))
-        self._snapshots = {}
+            for p, shape, gate in self._gate_cache:
+                if id(p) in snapped:
+                    old = self._snapshots[id(p)]
+                    torch.lerp(old.view(shape), p.view(shape), gate, out=p.view(shape))
+        self._snapped = []
 
     def _update(self, scale: bool = True) -> bool:
         cfg = self.config
