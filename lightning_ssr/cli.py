@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hidden", type=int, default=None, help="units per hidden layer (default 400 split, 1000 permuted)")
     b.add_argument("--train-subset", type=int, default=None, help="training samples per task (default: all)")
     b.add_argument("--test-subset", type=int, default=None, help="test samples per task (default: all)")
-    b.add_argument("--search-budget", type=int, default=1,
-                   help="hyperparameter candidates tried per method on a validation split (1: defaults)")
+    b.add_argument("--search-budget", type=int, default=3,
+                   help="hyperparameter candidates tried per method on a validation split (1: defaults only)")
     b.add_argument("--out", default="bench_results", help="output directory")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -30,7 +30,9 @@ def test_default_command_end_to_end_writes_table_json_csv_and_plots(tmp_path: Pa
     assert {r["method"] for r in data["summary"]} >= {"ssr", "ewc", "naive"}
     assert len(data["runs"]["ssr"]) == 2
     assert len(data["runs"]["ssr"][0]["accuracy"]) == 5 and len(data["runs"]["ssr"][0]["accuracy"][0]) == 5
-    assert data["meta"]["hyperparameters"]["ewc"]["ewc_lambda"] == 1000.0
+    tried = data["search"]["ewc"]  # the default budget: three candidates, chosen on validation data
+    assert [t["hyperparameters"]["ewc_lambda"] for t in tried] == [1000.0, 100.0, 10000.0]
+    assert data["meta"]["hyperparameters"]["ewc"] == max(tried, key=lambda t: t["val_accuracy"])["hyperparameters"]
     assert data["summary"][0]["time_ratio_mean"] == pytest.approx(1.0)
     ssr_row = next(r for r in data["summary"] if r["method"] == "ssr")
     assert 0 < ssr_row["extra_state_bytes"] < 10_000  # O(neurons): 2 x 32 neurons x 9 float32 values

@@ -44,7 +44,7 @@ class BenchOptions:
     data_dir: Optional[str] = None
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
-    search_budget: int = 1
+    search_budget: int = 3
     val_fraction: float = 0.2
     out: str = "bench_results"
     plots: bool = True
