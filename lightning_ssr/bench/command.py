@@ -97,9 +97,11 @@ def _progress(total: int, enabled: bool) -> Any:
                 dynamic_ncols=True)
 
 
-def _search(method: Method, opts: BenchOptions, val: ContinualBenchmark, s: RunSettings, tick: Callable[[], None]) -> tuple[dict, list]:
+def _search(method: Method, opts: BenchOptions, val: Optional[ContinualBenchmark], s: RunSettings,
+            tick: Callable[[], None]) -> tuple[dict, list]:
+    """The method's chosen hyperparameters and every candidate tried (none is run when there is one)."""
     candidates = method.candidates(opts.search_budget)
-    if len(candidates) == 1:
+    if len(candidates) == 1 or val is None:
         return candidates[0], [{"hyperparameters": candidates[0], "val_accuracy": None}]
     tried = []
     for hp in candidates:
@@ -126,7 +128,6 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
         from lightning_ssr.loggers import wandb_logger_factory
 
         logger_factory = wandb_logger_factory(opts.wandb_project, opts.out)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size)
     plan = {s: resolve_methods(opts.methods, s) for s in opts.scenarios}
     benches = {
@@ -138,7 +139,7 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
     total = 0
     for s, methods in plan.items():
         for m in methods:
-            searched = len(m.candidates(opts.search_budget)) if opts.search_budget > 1 else 0
+            searched = len(m.candidates(opts.search_budget))
             total += (opts.seeds + (searched if searched > 1 else 0)) * n_tasks
     bar = _progress(total + 2 * n_tasks, opts.progress)
     tick = lambda: bar.update(1)  # noqa: E731
@@ -151,13 +152,13 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
         run_method(METHODS[name], {}, warm, settings, seed=0, tick=tick)
     for scenario, methods in plan.items():
         bench = benches[scenario]
-        val = validation_benchmark(bench, opts.val_fraction, seed=0)
+        searching = any(len(m.candidates(opts.search_budget)) > 1 for m in methods)
+        val = validation_benchmark(bench, opts.val_fraction, seed=0) if searching else None
         search: dict[str, Any] = {}
         chosen: dict[str, dict] = {}
         for m in methods:
             bar.set_postfix_str(f"{scenario}: search {m.name}")
-            chosen[m.name], search[m.name] = _search(m, opts, val, settings, tick) if opts.search_budget > 1 else (
-                m.candidates(1)[0], [{"hyperparameters": m.candidates(1)[0], "val_accuracy": None}])
+            chosen[m.name], search[m.name] = _search(m, opts, val, settings, tick)
         runs: dict[str, list[StreamResult]] = {m.name: [] for m in methods}
         for seed in range(opts.seeds):
             for m in methods:
