@@ -166,7 +166,7 @@ class SSREngine:
         self._order_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._order: list[nn.Module] = []
         self._snapshots: dict[int, Tensor] = {}  # reused buffers: large fresh CPU allocations page-fault
-        self._snapped: list[nn.Parameter] = []
+        self._snapped: list[tuple[nn.Parameter, tuple[int, ...], Tensor]] = []  # this step's gate_cache entries
         #: Per gated parameter: its view shape and combined gate, rebuilt only when gates change.
         self._gate_cache: list[tuple[nn.Parameter, tuple[int, ...], Tensor]] = []
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
@@ -350,14 +350,15 @@ class SSREngine:
                         p.grad.view(shape).mul_(gate)
             elif cfg.protection == "update":
                 self._snapped = []
-                for p, _, _ in self._gate_cache:
+                for entry in self._gate_cache:
+                    p = entry[0]
                     if p.grad is None:
                         continue
                     buf = self._snapshots.get(id(p))
                     if buf is None or buf.shape != p.shape or buf.device != p.device or buf.dtype != p.dtype:
                         buf = self._snapshots[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
                     buf.copy_(p.detach())
-                    self._snapped.append(p)
+                    self._snapped.append(entry)
 
     def after_step(self) -> bool:
         """Call right after an optimizer step that really happened (not one AMP skipped).
@@ -381,12 +382,10 @@ class SSREngine:
 
     def _gate_update(self) -> None:
         """``p <- old + gate * (p - old)`` in one fused ``lerp`` per parameter."""
-        snapped = {id(p) for p in self._snapped}
         with torch.no_grad():
-            for p, shape, gate in self._gate_cache:
-                if id(p) in snapped:
-                    old = self._snapshots[id(p)]
-                    torch.lerp(old.view(shape), p.view(shape), gate, out=p.view(shape))
+            for p, shape, gate in self._snapped:
+                old = self._snapshots[id(p)]
+                torch.lerp(old.view(shape), p.view(shape), gate, out=p.view(shape))
         self._snapped = []
 
     def _update(self, scale: bool = True) -> bool:
