@@ -111,6 +111,10 @@ def test_runs_consolidates_once_per_experience_and_leaves_no_hooks(split_fmnist:
         assert _hooked(model) == [], "hooks must not outlive a training epoch"
     assert consolidations == [1, 2, 3, 4, 5]
     assert list(ssr.engine.layers) == ["body.1", "body.3"]  # the head is left out
+    diag = ssr.last_diagnostics
+    assert sorted(diag) == ["body.1", "body.3"]
+    assert sorted(diag["body.1"]) == ["activity", "deviation", "factor_max", "factor_mean", "factor_min"]
+    assert float(diag["body.1"]["activity"]) > 0
     results = strategy.eval(split_fmnist.test_stream)
     accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
     assert 0.0 <= accuracy <= 1.0 and "StreamForgetting/eval_phase/test_stream" in results

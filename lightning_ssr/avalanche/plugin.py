@@ -55,8 +55,8 @@ class SSRPlugin(SupervisedPlugin):
     Attributes:
         engine: the :class:`SSREngine`, ``None`` until the first training experience starts.
         last_penalty: the last penalty added to the loss (a detached scalar tensor), or ``None``.
-        last_diagnostics: per-layer diagnostics of the last homeostatic update
-            (see :meth:`SSREngine.after_step`).
+        last_diagnostics: per-layer diagnostics of the last homeostatic update, computed on
+            access (see :meth:`SSREngine.diagnostics`); ``{}`` before the engine exists.
 
     Example:
         >>> import torch
@@ -98,13 +98,17 @@ class SSRPlugin(SupervisedPlugin):
         self.track_output = track_output
         self.engine: Optional[SSREngine] = None
         self.last_penalty: Optional[Tensor] = None
-        self.last_diagnostics: dict[str, dict[str, Tensor]] = {}
         self._pending_state: Optional[dict[str, Any]] = None
 
     @property
     def config(self) -> SSRConfig:
         """The SSR hyperparameters (read-only; build a new plugin to change them)."""
         return self._config
+
+    @property
+    def last_diagnostics(self) -> dict[str, dict[str, Tensor]]:
+        """Per-layer diagnostics of the last homeostatic update (``{}`` before the engine exists)."""
+        return self.engine.diagnostics() if self.engine is not None else {}
 
     # ------------------------------------------------------------------ engine life cycle
     def _build(self, strategy: SupervisedTemplate) -> SSREngine:
@@ -174,9 +178,7 @@ class SSRPlugin(SupervisedPlugin):
     @override
     def after_update(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         if self.engine is not None and self.engine.attached:
-            diagnostics = self.engine.after_step()
-            if diagnostics:
-                self.last_diagnostics = diagnostics
+            self.engine.after_step()
 
     @override
     def after_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
