@@ -1,0 +1,152 @@
+"""Activity sensing: forward hooks that measure each neuron's batch activity.
+
+Part 1 of the mechanism. A hook on every tracked layer adds ``phi(z)``, averaged over the batch
+and positions, to the layer's accumulator; :meth:`ActivitySensor.flush` turns what was summed
+since the last update into one flat float32 tensor of per-neuron means, averaged across processes.
+Output layers are sensed too, with "fires when it wins the argmax" as their activity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ssr.core import rules
+from lightning_ssr.core.state import LayerState
+
+__all__ = ["ActivitySensor", "ReduceFn", "split_means", "winner_take_all"]
+
+#: Averages a float32 tensor across processes (identity on one process).
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+def winner_take_all(z: Tensor, cdim: int) -> Tensor:
+    """One-hot of the argmax along ``cdim``: an output unit "fires" when it wins.
+
+    Example:
+        >>> winner_take_all(torch.tensor([[0.1, 2.0, -1.0]]), -1)
+        tensor([[0., 1., 0.]])
+    """
+    return torch.zeros_like(z).scatter_(cdim, z.argmax(cdim, keepdim=True), 1.0)
+
+
+class ActivitySensor:
+    """Forward hooks on the tracked (and output) layers, and the flush of what they sensed.
+
+    Only training forwards are sensed: the module in train mode with autograd enabled.
+
+    Args:
+        layers: the tracked layers' states (hooked with ``phi``).
+        outputs: the untracked output layers' states (hooked with :func:`winner_take_all`).
+        phi: the firing-rate proxy.
+        keep_live: keep each tracked layer's differentiable activity of the last forward (for a
+            loss-side penalty) once ``keep_live()`` returns true.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> sensor = ActivitySensor({"0": LayerState("0", net[0])}, {}, torch.relu)
+        >>> sensor.attach()
+        >>> _ = net(torch.randn(5, 4))
+        >>> active, means = sensor.flush(None)
+        >>> [st.name for st in active], means.shape
+        (['0'], torch.Size([3]))
+        >>> sensor.detach()
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, LayerState],
+        outputs: dict[str, LayerState],
+        phi: Callable[[Tensor], Tensor],
+        keep_live: Optional[Callable[[], bool]] = None,
+    ) -> None:
+        self.layers = layers
+        self.outputs = outputs
+        self.phi = phi
+        self.keep_live = keep_live
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def attach(self) -> None:
+        """Register one forward hook per sensed layer (idempotent)."""
+        if self._hooks:
+            return
+        for st in self.layers.values():
+            self._hooks.append(st.module.register_forward_hook(self._make_hook(st)))
+        for st in self.outputs.values():
+            self._hooks.append(st.module.register_forward_hook(self._make_hook(st, output_layer=True)))
+
+    def detach(self) -> None:
+        """Remove the hooks and drop any live activity."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for st in self.layers.values():
+            st.live = None
+
+    def _make_hook(self, st: LayerState, output_layer: bool = False) -> Callable[..., None]:
+        cdim = st.cdim
+        phi = (lambda z: winner_take_all(z, cdim)) if output_layer else self.phi
+        keep_live = None if output_layer else self.keep_live
+
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Tensor):
+                return
+            if output.device != st.device:
+                st.to(output.device)
+            st.acc.add_(rules.neuron_activity(output, phi, cdim))
+            st.acc_count += 1
+            if keep_live is not None and keep_live():
+                a = phi(output.float().clone())  # an in-place activation may overwrite ``output`` next
+                dims = [d for d in range(a.dim()) if d != (cdim % a.dim())]
+                st.live = a.mean(dim=dims)
+
+        return hook
+
+    def states(self) -> list[LayerState]:
+        """Tracked layers, then output layers."""
+        return [*self.layers.values(), *self.outputs.values()]
+
+    def pending(self) -> bool:
+        """Whether anything was sensed since the last flush."""
+        return any(st.acc_count for st in self.states())
+
+    def flush(self, reduce_fn: Optional[ReduceFn]) -> Optional[tuple[list[LayerState], Tensor]]:
+        """The mean batch activity of every neuron since the last flush, and reset the sums.
+
+        Returns:
+            The layers that sensed something and one flat float32 tensor of their per-neuron
+            means (reduced across processes by ``reduce_fn``: one collective for all layers), or
+            ``None`` when nothing was sensed.
+        """
+        active = [st for st in self.states() if st.acc_count > 0]
+        if not active:
+            return None
+        means = torch.cat([st.acc / st.acc_count for st in active])
+        if reduce_fn is not None:
+            means = reduce_fn(means)
+        for st in active:
+            st.acc.zero_()
+            st.acc_count = 0
+        return active, means
+
+
+def split_means(active: Sequence[LayerState], means: Tensor) -> list[tuple[LayerState, Tensor]]:
+    """Pair each layer with its slice of the flat tensor :meth:`ActivitySensor.flush` returns.
+
+    Example:
+        >>> a, b = LayerState("a", nn.Linear(2, 2)), LayerState("b", nn.Linear(2, 3))
+        >>> [(st.name, m.tolist()) for st, m in split_means([a, b], torch.arange(5.0))]
+        [('a', [0.0, 1.0]), ('b', [2.0, 3.0, 4.0])]
+    """
+    out, offset = [], 0
+    for st in active:
+        out.append((st, means[offset:offset + st.n]))
+        offset += st.n
+    return out

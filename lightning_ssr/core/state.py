@@ -1,0 +1,93 @@
+"""The per-neuron state of one tracked layer, and how it is saved and restored."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ssr.core.layers import channel_dim, num_neurons
+
+__all__ = ["LayerState", "STATE_FIELDS"]
+
+#: Per-neuron tensors every tracked layer keeps; all O(neurons), float32.
+STATE_FIELDS = ("acc", "activity", "set_point", "norm_target", "task_activity", "task_grad",
+                "importance", "anchor", "factor")
+_COUNTERS = ("acc_count", "seen", "task_steps")
+_FLAGS = ("has_set_point", "has_norm_target")
+
+
+class LayerState:
+    """The O(neurons) state of one tracked layer.
+
+    Attributes:
+        acc: sum of batch activities since the last update.
+        activity: long-run activity (bias-corrected moving average, time constant ``tau``).
+        set_point: per-neuron target activity (NaN until measured).
+        norm_target: per-neuron set point of the incoming-weight norm (NaN until measured).
+        task_activity / task_grad: sums over the current task, for importance.
+        importance: accumulated importance over finished tasks.
+        anchor: mean activity on the last finished task (the penalty's reference).
+        factor: the last combined scale factor applied (for diagnostics).
+
+    Example:
+        >>> st = LayerState("0", nn.Linear(4, 3))
+        >>> st.n, st.cdim, st.activity.dtype
+        (3, -1, torch.float32)
+        >>> sorted(st.state_dict()) == sorted(STATE_FIELDS + ("acc_count", "seen", "task_steps",
+        ...                                                   "has_set_point", "has_norm_target"))
+        True
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.n = num_neurons(module)
+        self.cdim = channel_dim(module)
+        dev = module.weight.device
+        zeros = lambda: torch.zeros(self.n, dtype=torch.float32, device=dev)  # noqa: E731
+        nans = lambda: torch.full((self.n,), math.nan, dtype=torch.float32, device=dev)  # noqa: E731
+        self.acc, self.activity, self.task_activity, self.task_grad = zeros(), zeros(), zeros(), zeros()
+        self.importance, self.anchor = zeros(), zeros()
+        self.set_point, self.norm_target = nans(), nans()
+        self.factor = torch.ones(self.n, dtype=torch.float32, device=dev)
+        self.acc_count = 0
+        self.seen = 0
+        self.task_steps = 0
+        self.has_set_point = False
+        self.has_norm_target = False
+        self.gate: Optional[Tensor] = None
+        self.consumer: Optional[tuple[nn.Module, int]] = None
+        self.live: Optional[Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    def to(self, device: torch.device) -> None:
+        """Move every per-neuron tensor (and the gate) to ``device``."""
+        for f in STATE_FIELDS:
+            setattr(self, f, getattr(self, f).to(device))
+        if self.gate is not None:
+            self.gate = self.gate.to(device)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The per-neuron tensors by name (live references, not copies)."""
+        return {f: getattr(self, f) for f in STATE_FIELDS}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of every tensor, counter and flag: what resuming needs."""
+        return {**{k: v.detach().clone() for k, v in self.tensors().items()},
+                **{k: getattr(self, k) for k in _COUNTERS + _FLAGS}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` onto this layer's device, in float32."""
+        for f in STATE_FIELDS:
+            setattr(self, f, state[f].detach().clone().to(device=self.device, dtype=torch.float32))
+        for k in _COUNTERS:
+            setattr(self, k, int(state[k]))
+        for k in _FLAGS:
+            setattr(self, k, bool(state[k]))

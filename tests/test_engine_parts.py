@@ -1,0 +1,187 @@
+"""Each part of the engine on its own, without ``SSREngine`` (which ``test_engine.py`` covers whole)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ssr.core import SSRConfig
+from lightning_ssr.core.consolidation import Consolidation
+from lightning_ssr.core.homeostasis import Homeostasis
+from lightning_ssr.core.protection import Protection
+from lightning_ssr.core.sensing import ActivitySensor, split_means
+from lightning_ssr.core.state import LayerState
+from lightning_ssr.core.topology import ConsumerFinder
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+# ------------------------------------------------------------------------------------ sensing
+def test_sensor_sums_training_forwards_only_and_flush_resets() -> None:
+    net = _mlp()
+    layers = {"0": LayerState("0", net[0]), "2": LayerState("2", net[2])}
+    sensor = ActivitySensor(layers, {}, torch.relu)
+    sensor.attach()
+    x1, x2 = torch.randn(8, 4), torch.randn(8, 4)
+    net(x1)
+    net(x2)
+    net.eval()
+    net(torch.randn(8, 4) * 100)  # evaluation: not sensed
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(8, 4) * 100)  # a no-grad probe: not sensed
+    active, means = sensor.flush(None)
+    assert [st.name for st in active] == ["0", "2"]
+    with torch.no_grad():  # not sensed either
+        expected = (torch.relu(net[0](x1)).mean(0) + torch.relu(net[0](x2)).mean(0)) / 2
+    torch.testing.assert_close(split_means(active, means)[0][1], expected)
+    assert not sensor.pending() and sensor.flush(None) is None
+    sensor.detach()
+    net(x1)
+    assert not sensor.pending()
+
+
+def test_sensor_reduce_fn_sees_one_flat_tensor_for_all_layers() -> None:
+    net = _mlp()
+    layers = {"0": LayerState("0", net[0]), "2": LayerState("2", net[2])}
+    sensor = ActivitySensor(layers, {}, torch.relu)
+    sensor.attach()
+    net(torch.randn(3, 4))
+    calls = []
+    _, means = sensor.flush(lambda t: calls.append(t.shape) or t * 0)
+    assert calls == [torch.Size([11])] and bool((means == 0).all())
+
+
+def test_sensor_keeps_live_activity_only_when_asked() -> None:
+    net = _mlp()
+    st = LayerState("0", net[0])
+    on = [False]
+    sensor = ActivitySensor({"0": st}, {}, torch.relu, keep_live=lambda: on[0])
+    sensor.attach()
+    net(torch.randn(2, 4))
+    assert st.live is None
+    on[0] = True
+    net(torch.randn(2, 4))
+    assert st.live is not None and st.live.requires_grad and st.live.shape == (6,)
+    sensor.detach()
+    assert st.live is None
+
+
+# -------------------------------------------------------------------------------- homeostasis
+def test_homeostasis_waits_for_warmup_then_measures_self_set_points() -> None:
+    net = _mlp()
+    st = LayerState("0", net[0])
+    st.activity.uniform_(0.1, 1.0)
+    h = Homeostasis(SSRConfig(set_point="self", scaling_rate=1.0))
+    w = net[0].weight.detach().clone()
+    with torch.no_grad():
+        h.step(st, warm=False)
+    assert not st.has_set_point and torch.equal(net[0].weight, w) and bool((st.factor == 1).all())
+    with torch.no_grad():
+        h.step(st, warm=True)
+    assert st.has_set_point and torch.equal(st.set_point, st.activity)
+    torch.testing.assert_close(net[0].weight, w)  # at its own set point: nothing to correct
+    h.new_task(st)
+    assert not st.has_set_point and bool(torch.isnan(st.set_point).all())
+
+
+def test_homeostasis_off_changes_no_weight() -> None:
+    net = _mlp()
+    st = LayerState("0", net[0])
+    st.activity.fill_(5.0)
+    h = Homeostasis(SSRConfig(set_point=0.1, scaling_rate=0.0, norm_rate=0.0))
+    w = net[0].weight.detach().clone()
+    with torch.no_grad():
+        h.step(st, warm=True)
+    assert not h.scales and torch.equal(net[0].weight, w)
+
+
+# ------------------------------------------------------------------------------ consolidation
+@pytest.mark.parametrize("accumulate", ["max", "sum"])
+def test_consolidation_folds_tasks_by_max_or_sum(accumulate: str) -> None:
+    st = LayerState("0", nn.Linear(2, 2))
+    c = Consolidation(SSRConfig(accumulate=accumulate))
+    for use in ([3.0, 1.0], [1.0, 3.0]):
+        st.task_activity.copy_(torch.tensor(use))
+        st.task_steps = 1
+        c.fold(st, by_grad=False)
+        assert st.task_steps == 0 and bool((st.task_activity == 0).all())
+    expected = [1.5, 1.5] if accumulate == "max" else [2.0, 2.0]
+    torch.testing.assert_close(st.importance, torch.tensor(expected))
+
+
+def test_consolidation_measures_gradient_importance_only_when_configured() -> None:
+    net = _mlp()
+    st = LayerState("0", net[0])
+    net(torch.randn(4, 4)).sum().backward()
+    Consolidation(SSRConfig(importance="activity")).observe_gradients([st])
+    assert bool((st.task_grad == 0).all())
+    Consolidation(SSRConfig(importance="activity_grad")).observe_gradients([st])
+    expected = (net[0].weight * net[0].weight.grad).abs().sum(1)
+    torch.testing.assert_close(st.task_grad, expected.detach())
+
+
+# --------------------------------------------------------------------------------- protection
+def test_update_protection_pulls_each_neurons_update_back_by_its_gate() -> None:
+    net = _mlp()
+    st = LayerState("0", net[0])
+    st.importance.copy_(torch.tensor([0.0, 1.0, 3.0, 0.0, 0.0, 9.0]))
+    prot = Protection(SSRConfig(consolidation=1.0, protection="update", gate_outgoing=False))
+    prot.refresh({"0": st}, {}, consolidated=set(), protecting=True)
+    old = net[0].weight.detach().clone()
+    net(torch.randn(4, 4)).sum().backward()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    prot.before_step()
+    opt.step()
+    prot.after_step()
+    moved = net[0].weight.detach() - old
+    free = -0.1 * net[0].weight.grad
+    gate = 1.0 / (1.0 + st.importance)
+    torch.testing.assert_close(moved, free * gate.unsqueeze(1))
+    assert [p is net[0].weight or p is net[0].bias for p in prot.parameters()] == [True, True]
+
+
+def test_outgoing_weights_are_gated_only_once_consolidated() -> None:
+    net = _mlp()
+    layers = {"0": LayerState("0", net[0]), "2": LayerState("2", net[2])}
+    layers["0"].consumer = (net[2], 1)
+    layers["0"].importance.fill_(1.0)
+    prot = Protection(SSRConfig(consolidation=1.0, gate_outgoing=True))
+    prot.refresh(layers, {}, consolidated=set(), protecting=True)
+    cols = lambda: [kind for p, views in prot.gated if p is net[2].weight for kind, _, _ in views]  # noqa: E731
+    assert cols() == ["rows"]  # a layer created after the last consolidation: its inputs stay free
+    prot.refresh(layers, {}, consolidated={id(p) for p in net.parameters()}, protecting=True)
+    assert sorted(cols()) == ["cols", "rows"]
+
+
+# ----------------------------------------------------------------------------------- topology
+def test_consumer_finder_links_conv_to_the_linear_reading_its_channels() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    layers = {"0": LayerState("0", net[0])}
+    finder = ConsumerFinder(net)
+    assert not finder.resolve(layers.values())  # nothing recorded yet
+    finder.record()
+    net.eval()
+    net(torch.randn(1, 1, 6, 6))  # evaluation forwards are not recorded
+    net.train()
+    net(torch.randn(1, 1, 6, 6))
+    assert finder.resolve(layers.values()) and not finder.recording
+    assert layers["0"].consumer == (net[3], 16)
+
+
+def test_layer_state_round_trips_and_casts_to_float32() -> None:
+    st = LayerState("0", nn.Linear(3, 2))
+    st.importance.fill_(2.0)
+    st.task_steps, st.has_set_point = 7, True
+    saved = st.state_dict()
+    saved["activity"] = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    other = LayerState("0", nn.Linear(3, 2))
+    other.load_state_dict(saved)
+    assert other.task_steps == 7 and other.has_set_point and other.activity.dtype == torch.float32
+    assert torch.equal(other.importance, st.importance) and math.isnan(other.norm_target[0].item())
