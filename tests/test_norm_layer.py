@@ -1,30 +1,19 @@
-"""SSRNorm1d/2d/3d and model conversion: the BatchNorm contract, each homeostatic property, DDP."""
+"""The SSR layers (lightning_ssr.norm.base and .layers): the BatchNorm contract, normalization
+from the layer's own state, the homeostatic feedback, state dicts and argument errors."""
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections import OrderedDict
-from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.testing import assert_close
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ssr.norm import (
-    SSRNorm1d,
-    SSRNorm2d,
-    SSRNorm3d,
-    _SSRNorm,
-    convert_batchnorm,
-    convert_ssrnorm_to_batchnorm,
-    homeostatic_step,
-)
+from lightning_ssr.norm import SSRNorm1d, SSRNorm2d, SSRNorm3d
 
 # class, batchnorm class, input shapes it accepts
 DIMS = [
@@ -181,43 +170,6 @@ def test_state_moves_slowly_with_the_configured_time_constant() -> None:
     assert_close(m.running_var, torch.full((2,), 0.1 * 100.0))
 
 
-def test_gradient_is_batchnorms_on_the_first_batch_and_plain_in_eval() -> None:
-    x = torch.randn(8, 3, 4, 4) * 2 + 1
-    upstream = torch.randn(8, 3, 4, 4)
-    bn, ssr = nn.BatchNorm2d(3, eps=1e-5), SSRNorm2d(3, eps=1e-5)
-    xb, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    (bn(xb) * upstream).sum().backward()
-    (ssr(xs) * upstream).sum().backward()
-    # the warm start makes the state equal the batch statistics, so the projected gradient is BatchNorm's
-    assert_close(xs.grad, xb.grad, rtol=1e-3, atol=1e-4)
-    assert_close(ssr.weight.grad, bn.weight.grad, rtol=1e-3, atol=1e-4)
-    assert_close(ssr.bias.grad, bn.bias.grad)
-    # in eval mode the state is a constant: the gradient is the per-channel scale
-    ssr.eval()
-    xe = x.clone().requires_grad_(True)
-    (ssr(xe) * upstream).sum().backward()
-    scale = ssr.weight * ssr.gain / torch.sqrt(ssr.running_var + ssr.eps)
-    assert_close(xe.grad, upstream * scale.detach().view(1, 3, 1, 1))
-
-
-def test_projection_can_be_switched_off() -> None:
-    m = SSRNorm1d(3, project_gradient=False)
-    x = torch.randn(16, 3, requires_grad=True)
-    upstream = torch.randn(16, 3)
-    m(torch.randn(16, 3))
-    scale = (m.weight * m.gain / torch.sqrt(m.running_var + m.eps)).detach()
-    (m(x) * upstream).sum().backward()
-    assert_close(x.grad, upstream * scale)
-
-
-def test_double_backward_is_refused() -> None:
-    m = SSRNorm1d(3)
-    x = torch.randn(8, 3, requires_grad=True)
-    (g,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
-
-
 # ----------------------------------------------------------------- homeostatic feedback
 
 
@@ -301,87 +253,6 @@ def test_gain_is_bounded_by_max_change_and_max_gain() -> None:
     assert_close(m.gain, m.gain.new_full((2,), 1 / 1.05))
 
 
-# ------------------------------------------------------------ external driver, DDP maths
-
-
-def test_auto_update_false_accumulates_and_homeostatic_step_pools_batches() -> None:
-    a, b = torch.randn(8, 3, 4, 4) * 2 + 1, torch.randn(4, 3, 4, 4) - 1
-    warm = torch.randn(8, 3, 4, 4)
-    auto = SSRNorm2d(3)
-    driven = SSRNorm2d(3, auto_update=False)
-    auto(warm)
-    driven(warm)
-    assert int(driven.num_batches_tracked) == 0 and bool(driven.initialized)
-    assert driven.homeostatic_step() and int(driven.num_batches_tracked) == 1
-    before = _state(driven)
-    driven(a)
-    driven(b)
-    for k, v in before.items():
-        assert_close(driven.state_dict()[k], v)  # forwards only accumulate
-    assert driven.homeostatic_step()
-    auto(torch.cat([a, b]))
-    for k in STATE:
-        assert_close(driven.state_dict()[k], auto.state_dict()[k])
-    assert not driven.homeostatic_step()  # nothing pending
-
-
-def test_reduce_fn_makes_replicas_apply_the_pooled_update() -> None:
-    """Two replicas that see different halves of a batch end in the state of one that saw it all."""
-    x = torch.randn(16, 4) * 2 + 1
-    whole = SSRNorm1d(4)
-    whole(torch.randn(16, 4))
-    replicas = [copy.deepcopy(whole), copy.deepcopy(whole)]
-    for r in replicas:
-        r.auto_update = False
-    replicas[0](x[:8])
-    replicas[1](x[8:])
-    pending = [r._pending().clone() for r in replicas]
-    total = pending[0] + pending[1]
-    for r in replicas:
-        r.reduce_fn = lambda t: total.clone()  # what an all_reduce(SUM) returns on every rank
-        assert r.homeostatic_step()
-    whole(x)
-    for k in STATE:
-        assert_close(replicas[0].state_dict()[k], whole.state_dict()[k])
-        assert_close(replicas[1].state_dict()[k], whole.state_dict()[k])
-
-
-def test_reduce_statistics_can_be_overridden() -> None:
-    calls: list[int] = []
-
-    class Averaged(SSRNorm1d):
-        def reduce_statistics(self, statistics: torch.Tensor) -> torch.Tensor:
-            calls.append(statistics.numel())
-            return (statistics + statistics) / 2  # the average over 2 processes that saw the same
-
-    m, plain = Averaged(3), SSRNorm1d(3)
-    for _ in range(2):
-        x = torch.randn(8, 3)
-        m(x)
-        plain(x)
-    assert calls == [3 * 3 + 1] * 2  # one flat tensor per update: 3 statistics per channel and a count
-    for k in STATE:
-        assert_close(m.state_dict()[k], plain.state_dict()[k])
-
-
-def test_model_level_homeostatic_step_reduces_once() -> None:
-    net = nn.Sequential(nn.Linear(4, 6), SSRNorm1d(6, auto_update=False), nn.ReLU(),
-                        nn.Linear(6, 5), SSRNorm1d(5, auto_update=False, track_running_stats=False))
-    seen: list[int] = []
-
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        seen.append(t.numel())
-        return t
-
-    net(torch.randn(8, 4))
-    net(torch.randn(8, 4))
-    assert homeostatic_step(net, reduce_fn=reduce) == 2
-    assert seen == [(3 * 6 + 1) + (5 + 1)]
-    assert int(net[1].num_batches_tracked) == 1 and int(net[4].num_batches_tracked) == 1
-    assert homeostatic_step(net, reduce_fn=reduce) == 0  # nothing pending: no update, but still one collective
-    assert homeostatic_step(nn.Linear(2, 2)) == 0
-
-
 # ------------------------------------------------------------------------ state dicts
 
 
@@ -427,98 +298,7 @@ def test_loads_a_batchnorm_checkpoint_and_an_older_version() -> None:
         SSRNorm2d(3).load_state_dict(current)
 
 
-# ------------------------------------------------------------------------- conversion
-
-
-class _Nested(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        shared = nn.BatchNorm1d(6)
-        self.features = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-        self.volume = nn.Sequential(nn.Conv3d(2, 3, 1), nn.BatchNorm3d(3, affine=False))
-        self.heads = nn.ModuleDict({"a": nn.Sequential(nn.Linear(4, 6), shared), "b": shared})
-        self.sync = nn.SyncBatchNorm(4, momentum=0.3)
-        self.untracked = nn.BatchNorm1d(6, track_running_stats=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean((2, 3))
-
-
-def test_convert_a_nested_model() -> None:
-    net = _Nested()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, _BatchNorm) and m.affine:
-                m.weight.uniform_(0.5, 2)
-                m.bias.uniform_(-1, 1)
-    net.features[1](torch.randn(8, 4, 3, 3) * 2 + 1)  # a trained layer: running statistics to carry
-    net.features[1].weight.requires_grad_(False)
-    net.eval()
-    reference = copy.deepcopy(net)
-    out = convert_batchnorm(net, momentum=0.05, gain_rate=0.0)
-    assert out is net
-    assert not [m for m in out.modules() if isinstance(m, _BatchNorm)]
-    assert type(out.features[1]) is SSRNorm2d and type(out.volume[1]) is SSRNorm3d
-    assert type(out.heads["a"][1]) is SSRNorm1d and out.heads["a"][1] is out.heads["b"]  # sharing kept
-    assert type(out.sync).__name__ == "_SSRNormXd" and out.sync.momentum == 0.05
-    assert out.untracked.running_mean is None and out.volume[1].weight is None
-    for name, new in out.named_modules():
-        if isinstance(new, _SSRNorm):
-            old = reference.get_submodule(name)
-            assert new.num_features == old.num_features and new.eps == old.eps and not new.training
-            assert new.gain_rate == 0.0
-            if old.affine:
-                assert isinstance(new.weight, nn.Parameter) and new.weight is not old.weight
-                assert_close(new.weight, old.weight)
-                assert_close(new.bias, old.bias)
-                assert new.weight.requires_grad == old.weight.requires_grad
-            if old.track_running_stats:
-                assert_close(new.running_mean, old.running_mean)
-                assert_close(new.running_var, old.running_var)
-                assert bool(new.initialized) == (int(old.num_batches_tracked) > 0)
-    # a converted trained layer computes what the BatchNorm computed in eval mode
-    x = torch.randn(2, 4, 3, 3)
-    assert_close(out.features[1](x), reference.features[1](x))
-    # the root itself is replaced when it is a BatchNorm
-    root = convert_batchnorm(nn.BatchNorm1d(3))
-    assert type(root) is SSRNorm1d
-
-
-def test_convert_torchvision_resnet18() -> None:
-    torchvision = pytest.importorskip("torchvision")
-    model = torchvision.models.resnet18(num_classes=10)
-    names = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    out = convert_batchnorm(model)
-    assert not [m for m in out.modules() if isinstance(m, _BatchNorm)]
-    layers = {n: m for n, m in out.named_modules() if isinstance(m, SSRNorm2d)}
-    assert set(layers) == set(names) and len(layers) == 20
-    for n, w in names.items():
-        assert_close(layers[n].weight, w)
-    x = torch.randn(2, 3, 32, 32)
-    out(x).sum().backward()
-    assert all(m.weight.grad is not None for m in layers.values())
-    assert out.eval()(x[:1]).shape == (1, 10)
-
-
-@pytest.mark.parametrize("affine", [True, False])
-def test_convert_back_to_batchnorm_computes_the_same_in_eval(affine: bool) -> None:
-    net = nn.Sequential(nn.Linear(3, 4), SSRNorm1d(4, affine=affine), nn.Conv2d(1, 1, 1))
-    net[1].load_state_dict({**net[1].state_dict(), "gain": torch.tensor([0.5, 1.0, 2.0, 1.5])})
-    for _ in range(3):
-        net[:2](torch.randn(8, 3))
-    net.eval()
-    x = torch.randn(5, 3)
-    expected = net[:2](x)
-    back = convert_ssrnorm_to_batchnorm(net)
-    assert type(back[1]) is nn.BatchNorm1d and not back[1].training
-    assert_close(back[:2](x), expected)
-    assert type(convert_ssrnorm_to_batchnorm(SSRNorm3d(2))) is nn.BatchNorm3d
-    xd = convert_batchnorm(nn.Sequential(nn.SyncBatchNorm(2)))
-    assert type(convert_ssrnorm_to_batchnorm(xd)[0]) is nn.SyncBatchNorm
-
-
 # ------------------------------------------------------------------------------ errors
-
 
 @pytest.mark.parametrize(
     "kwargs,error,message",
@@ -567,62 +347,3 @@ def test_input_errors(cls, shape, message) -> None:
         cls(3)(torch.randn(shape))
     with pytest.raises(ValueError, match=re.escape(message)):
         cls(3).eval()(torch.randn(shape))
-
-
-def test_conversion_errors() -> None:
-    message = "convert_batchnorm takes ['affine', 'eps'] from each BatchNorm layer"
-    with pytest.raises(TypeError, match=re.escape(message)):
-        convert_batchnorm(nn.BatchNorm1d(2), affine=False, eps=1e-3)
-    message = "Unexpected keyword arguments: ['gain']; SSRNorm's own arguments are: ['momentum'"
-    with pytest.raises(TypeError, match=re.escape(message)):
-        convert_batchnorm(nn.BatchNorm1d(2), gain=0.1)
-    with pytest.raises(ValueError, match="`gain_rate` must be in"):
-        convert_batchnorm(nn.Sequential(nn.BatchNorm1d(2)), gain_rate=-1.0)
-    with pytest.raises(ValueError, match="cannot convert an uninitialized LazyBatchNorm2d: run one forward first"):
-        convert_batchnorm(nn.Sequential(nn.LazyBatchNorm2d()))
-    message = "cannot convert SSRNorm1d with track_running_stats=False to BatchNorm"
-    with pytest.raises(ValueError, match=re.escape(message)):
-        convert_ssrnorm_to_batchnorm(nn.Sequential(SSRNorm1d(2, track_running_stats=False)))
-
-
-# --------------------------------------------------------------------------------- DDP
-
-
-class _DDPModel(L.LightningModule):
-    """A small CNN with BatchNorm, converted to SSRNorm; Lightning's sync_batchnorm must not touch it."""
-
-    def __init__(self, out_dir: str) -> None:
-        super().__init__()
-        self.out_dir = out_dir
-        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                            nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-        self.net = convert_batchnorm(net)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    def on_train_end(self) -> None:
-        types = sorted({type(m).__name__ for m in self.modules()})
-        state = {n: b.clone() for n, b in self.net.named_buffers()}
-        torch.save({"types": types, "state": state}, Path(self.out_dir) / f"rank{self.global_rank}.pt")
-
-
-def test_ddp_two_processes_keep_the_state_identical_and_sync_batchnorm_leaves_it(tmp_path: Path) -> None:
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
-    x[32:] = x[32:] * 3 + 2  # rank 1's shard (unshuffled) carries more: unsynchronized states would differ
-    loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer = L.Trainer(
-        accelerator="cpu", strategy="ddp_spawn", devices=2, sync_batchnorm=True, max_steps=4,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(_DDPModel(str(tmp_path)), loader)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert "SyncBatchNorm" not in r0["types"] and {"SSRNorm1d", "SSRNorm2d"} <= set(r0["types"])
-    assert int(r0["state"]["1.num_batches_tracked"]) == 4
-    for k, v in r0["state"].items():
-        assert_close(r1["state"][k], v, rtol=0, atol=0)
