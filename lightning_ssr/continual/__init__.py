@@ -18,7 +18,7 @@ from lightning_ssr.continual.metrics import (
     forgetting,
 )
 from lightning_ssr.continual.module import OPTIMIZERS, ClassifierModule, unpack_batch
-from lightning_ssr.continual.stream import StreamRunner, fit_stream
+from lightning_ssr.continual.runner import StreamRunner, fit_stream
 
 __all__ = [
     "OPTIMIZERS",
