@@ -14,7 +14,7 @@ from lightning_ssr.continual import StreamResult
 
 __all__ = ["summarize", "format_table", "write_results", "plot_results"]
 
-_COLUMNS = ("average_accuracy", "average_forgetting", "backward_transfer")
+_COLUMNS = ("average_accuracy", "average_forgetting", "backward_transfer", "plasticity")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -61,26 +61,28 @@ def _bytes(n: int) -> str:
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
-    """The proposal-style table: method, accuracy, forgetting, BWT, extra state, time ratio.
+    """The proposal-style table: method, accuracy, forgetting, BWT, plasticity (accuracy on each
+    task right after learning it), extra state, time ratio.
 
     Example:
         >>> row = {"method": "naive", "seeds": 2, "average_accuracy_mean": 0.5, "average_accuracy_std": 0.01,
         ...        "average_forgetting_mean": 0.4, "average_forgetting_std": 0.0, "backward_transfer_mean": -0.4,
-        ...        "backward_transfer_std": 0.0, "extra_state_bytes": 0, "time_ratio_mean": 1.0,
+        ...        "backward_transfer_std": 0.0, "plasticity_mean": 0.9, "plasticity_std": 0.02,
+        ...        "extra_state_bytes": 0, "time_ratio_mean": 1.0,
         ...        "time_ratio_std": 0.0, "time_baseline": "naive"}
         >>> print(format_table([row], "t"))  # doctest: +NORMALIZE_WHITESPACE
         t
-        method                 accuracy %   forgetting %      BWT %   extra state  time vs naive
-        naive                  50.0 ± 1.0     40.0 ± 0.0 -40.0 ± 0.0        0 B   1.00 ± 0.00
+        method                 accuracy %   forgetting %      BWT %  plasticity %   extra state  time vs naive
+        naive                  50.0 ± 1.0     40.0 ± 0.0 -40.0 ± 0.0    90.0 ± 2.0          0 B   1.00 ± 0.00
     """
-    head = f"{'method':<20} {'accuracy %':>12} {'forgetting %':>14} {'BWT %':>10} {'extra state':>13} {'time vs naive':>14}"
+    head = f"{'method':<20} {'accuracy %':>12} {'forgetting %':>14} {'BWT %':>10} {'plasticity %':>13} {'extra state':>13} {'time vs naive':>14}"
     lines = [title, head]
     for r in rows:
         def pct(col: str) -> str:
             return f"{100 * r[col + '_mean']:.1f} ± {100 * r[col + '_std']:.1f}"
         lines.append(
             f"{r['method']:<20} {pct('average_accuracy'):>12} {pct('average_forgetting'):>14} "
-            f"{pct('backward_transfer'):>10} {_bytes(r['extra_state_bytes']):>13} "
+            f"{pct('backward_transfer'):>10} {pct('plasticity'):>13} {_bytes(r['extra_state_bytes']):>13} "
             f"{r['time_ratio_mean']:>6.2f} ± {r['time_ratio_std']:.2f}"
         )
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from lightning_ssr.continual.metrics import (
     average_accuracy,
     average_forgetting,
     backward_transfer,
+    plasticity,
     forgetting,
 )
 from lightning_ssr.continual.module import OPTIMIZERS, ClassifierModule, unpack_batch
@@ -29,6 +30,7 @@ __all__ = [
     "average_accuracy",
     "average_forgetting",
     "backward_transfer",
+    "plasticity",
     "fit_stream",
     "forgetting",
     "unpack_batch",

@@ -40,6 +40,7 @@ __all__ = [
     "average_accuracy",
     "average_forgetting",
     "backward_transfer",
+    "plasticity",
     "forgetting",
 ]
 
@@ -265,6 +266,22 @@ def backward_transfer(matrix: MatrixLike) -> float:
     return float(-f.mean()) if f.numel() else 0.0
 
 
+def plasticity(matrix: MatrixLike) -> float:
+    """Mean accuracy on each experience right after training on it: ``mean_i R[i, i]``.
+
+    How well new experiences are still learned; a method that protects too much loses here, not
+    in forgetting. The diagonal of the matrix over the experiences trained so far.
+
+    Example:
+        >>> R = [[0.8, 0.0, 0.0], [0.9, 0.9, 0.0], [0.5, 0.7, 0.8]]
+        >>> round(plasticity(R), 4)
+        0.8333
+    """
+    r = _as_matrix(matrix)
+    t = r.shape[0]
+    return float(torch.diagonal(r[:, :t]).mean()) if t else math.nan
+
+
 # ---------------------------------------------------------------------------------- the result
 def _jsonable(value: Any) -> Any:
     """``value`` made of JSON types only (dataclasses and mappings become dicts, tuples lists)."""
@@ -386,6 +403,11 @@ class StreamResult:
         return backward_transfer(self.accuracy) if self.accuracy else math.nan
 
     @property
+    def plasticity(self) -> float:
+        """Mean accuracy on each experience right after learning it (NaN before any)."""
+        return plasticity(self.accuracy) if self.accuracy else math.nan
+
+    @property
     def stream_accuracy(self) -> float:
         """Sample-weighted accuracy over the whole test stream after the last finished experience.
 
@@ -402,6 +424,7 @@ class StreamResult:
             "average_accuracy": self.average_accuracy,
             "average_forgetting": self.average_forgetting,
             "backward_transfer": self.backward_transfer,
+            "plasticity": self.plasticity,
             "stream_accuracy": self.stream_accuracy,
             "wall_time_s": self.wall_time_s,
         }
