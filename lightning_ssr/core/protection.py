@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ssr.core import rules
+from lightning_ssr.core.capacity import adaptive_strength
 from lightning_ssr.core.config import SSRConfig
 from lightning_ssr.core.state import LayerState
 
@@ -53,8 +54,10 @@ class Protection:
     def refresh(self, layers: dict[str, LayerState], outputs: dict[str, LayerState],
                 consolidated: set[int], protecting: bool) -> None:
         """New importance: recompute every neuron's gate, then the gated parameters."""
+        cfg = self.config
         for st in layers.values():
-            st.gate = rules.protection_gate(st.importance, self.config.consolidation)
+            st.strength = adaptive_strength(st.importance, cfg.consolidation, cfg.min_plasticity)
+            st.gate = rules.protection_gate(st.importance, st.strength)
         self.build(layers, outputs, consolidated, protecting)
 
     def build(self, layers: dict[str, LayerState], outputs: dict[str, LayerState],
@@ -98,7 +101,6 @@ class Protection:
 
     def gate_of(self, p: nn.Parameter, views: list[GateView]) -> tuple[tuple[int, ...], Tensor]:
         """One view shape of ``p`` and one broadcastable gate combining all the gates on it."""
-        lam = self.config.consolidation
         if all(kind == "rows" for kind, _, _ in views):
             st = views[0][1]
             shape = (st.n,) if p.dim() == 1 else (st.n, -1)
@@ -113,8 +115,13 @@ class Protection:
                 gate = gate * st.gate.view(1, -1, 1)
             else:  # hebb: a synapse between an important output unit and an important neuron
                 post = other.importance.view(-1, 1, 1)
-                gate = gate / (1.0 + lam * post * st.importance.view(1, -1, 1))
+                gate = gate / (1.0 + st.strength * post * st.importance.view(1, -1, 1))
         return shape, gate
+
+    @property
+    def cache(self) -> list[tuple[nn.Parameter, tuple[int, ...], Tensor]]:
+        """Per gated parameter: its view shape and combined gate (empty while not protecting)."""
+        return self._cache
 
     def moved(self) -> bool:
         """Whether the model moved to another device since the gates were cached."""

@@ -60,6 +60,11 @@ class LayerState:
         self.has_set_point = False
         self.has_norm_target = False
         self.gate: Optional[Tensor] = None
+        #: The protection strength in force on this layer (``consolidation``, or less under
+        #: ``min_plasticity``); derived from ``importance``, so not saved.
+        self.strength = 0.0
+        #: Neurons re-initialized at the last task's end (``recycle_below``), for diagnostics.
+        self.recycled = 0
         self.consumer: Optional[tuple[nn.Module, int]] = None
         self.live: Optional[Tensor] = None
 
