@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from typing import Any
 from pathlib import Path
 
 import lightning as L
@@ -196,11 +197,14 @@ def test_non_finite_activity_never_reaches_weights() -> None:
 # ----------------------------------------------------------------- resume
 
 
-def _resume_run(tmp_path: Path, stop: bool) -> tuple[dict, dict]:
+_RESUME_KWARGS = dict(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05, update_every=3)
+
+
+def _resume_run(tmp_path: Path, stop: bool, **extra: Any) -> tuple[dict, dict]:
     """Task 1 (one fit), then task 2 over 4 epochs, optionally stopped after 2 and resumed."""
     L.seed_everything(7)
     net = tiny_mlp()
-    cb = SynapticScaling(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05, update_every=3)
+    cb = SynapticScaling(**_RESUME_KWARGS, **extra)
     model = Classifier(net, lr=0.1)
     _trainer([cb]).fit(model, _loader(seed=3))
     ckpt_dir = tmp_path / ("stop" if stop else "straight")
@@ -211,16 +215,22 @@ def _resume_run(tmp_path: Path, stop: bool) -> tuple[dict, dict]:
         _trainer([cb, saver], max_epochs=2, enable_checkpointing=True).fit(model, _loader(seed=4))
         # a new process would start from scratch: a new model and a new callback
         net2 = tiny_mlp()
-        cb2 = SynapticScaling(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05, update_every=3)
+        cb2 = SynapticScaling(**_RESUME_KWARGS, **extra)
         model = Classifier(net2, lr=0.1)
         _trainer([cb2], max_epochs=4).fit(model, _loader(seed=4), ckpt_path=str(ckpt_dir / "last.ckpt"))
         cb = cb2
     return {k: v.clone() for k, v in model.state_dict().items()}, cb.engine.state_dict()
 
 
-def test_resume_mid_task_matches_never_stopping(tmp_path: Path) -> None:
-    weights_a, state_a = _resume_run(tmp_path, stop=False)
-    weights_b, state_b = _resume_run(tmp_path, stop=True)
+@pytest.mark.parametrize("extra", [{}, {"protection": "anchor", "anchor_rate": 0.3, "min_plasticity": 0.5}],
+                         ids=["update", "anchor-capacity"])
+def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> None:
+    weights_a, state_a = _resume_run(tmp_path, stop=False, **extra)
+    weights_b, state_b = _resume_run(tmp_path, stop=True, **extra)
+    assert sorted(state_a.get("anchors", {})) == sorted(state_b.get("anchors", {}))
+    assert ("anchors" in state_a) == bool(extra)
+    for name, anchor in state_a.get("anchors", {}).items():
+        assert_close(state_b["anchors"][name], anchor, rtol=0, atol=0)
     for k in weights_a:
         assert_close(weights_b[k], weights_a[k], rtol=0, atol=0)
     for key in ("step", "task_step", "tasks", "skipped"):

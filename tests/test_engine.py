@@ -390,7 +390,7 @@ def test_reduce_fn_sees_one_flat_float32_tensor() -> None:
         ({"scaling_rate": -1}, r"`scaling_rate` must be in \[0.0, 10.0\], got -1"),
         ({"consolidation": float("nan")}, r"`consolidation` must be finite, got nan"),
         ({"activity": "tanh"}, r"`activity` must be one of \['relu', 'abs', 'square'\], got 'tanh'"),
-        ({"protection": "ewc"}, r"`protection` must be one of \['gradient', 'update', 'penalty'\], got 'ewc'"),
+        ({"protection": "ewc"}, r"`protection` must be one of \['gradient', 'update', 'penalty', 'anchor'\], got 'ewc'"),
         ({"importance": "fisher"}, r"`importance` must be one of \['activity', 'activity_grad'\], got 'fisher'"),
         ({"gate_outgoing": 1}, r"`gate_outgoing` must be a bool, got 1"),
         ({"warmup_steps": True}, r"`warmup_steps` must be an int, got True"),

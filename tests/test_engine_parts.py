@@ -185,3 +185,126 @@ def test_layer_state_round_trips_and_casts_to_float32() -> None:
     other.load_state_dict(saved)
     assert other.task_steps == 7 and other.has_set_point and other.activity.dtype == torch.float32
     assert torch.equal(other.importance, st.importance) and math.isnan(other.norm_target[0].item())
+
+
+# ----------------------------------------------------------------------------------- capacity
+def test_adaptive_strength_keeps_the_layers_mean_plasticity() -> None:
+    from lightning_ssr.core.capacity import adaptive_strength, mean_plasticity
+
+    spread = torch.rand(400) + 0.5  # every neuron used: a fixed strength of 10 leaves ~0.1
+    assert mean_plasticity(spread, 10.0) < 0.2
+    s = adaptive_strength(spread, 10.0, 0.5)
+    assert 0 < s < 10 and abs(mean_plasticity(spread, s) - 0.5) < 1e-4
+    concentrated = torch.zeros(400)
+    concentrated[:20] = 20.0  # 5 % of the neurons used: plenty of capacity left
+    assert adaptive_strength(concentrated, 10.0, 0.5) == 10.0
+    assert adaptive_strength(spread, 10.0, 0.0) == 10.0  # off: the fixed strength
+
+
+def test_protection_lowers_strength_only_on_a_layer_whose_capacity_is_taken() -> None:
+    net = _mlp()
+    full, sparse = LayerState("0", net[0]), LayerState("2", net[2])
+    full.importance.fill_(1.0)
+    sparse.importance.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0, 0.0]))
+    prot = Protection(SSRConfig(consolidation=10.0, min_plasticity=0.5))
+    prot.refresh({"0": full, "2": sparse}, {}, consolidated=set(), protecting=True)
+    assert abs(full.strength - 1.0) < 1e-4 and torch.allclose(full.gate, torch.full((6,), 0.5), atol=1e-4)
+    assert sparse.strength == 10.0
+    prot = Protection(SSRConfig(consolidation=10.0))  # the fixed strength of earlier versions
+    prot.refresh({"0": full, "2": sparse}, {}, consolidated=set(), protecting=True)
+    assert full.strength == 10.0
+
+
+def test_min_plasticity_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"`min_plasticity` must be in \[0.0, 1.0\), got 1.0"):
+        SSRConfig(min_plasticity=1.0)
+
+
+# ---------------------------------------------------------------------------------- anchoring
+def _engine_after_one_task(**cfg):
+    from lightning_ssr.core import SSREngine
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, **cfg))
+    engine.attach()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+
+    def train(steps: int, shift: float) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            x = torch.randn(32, 4) + shift
+            net(x).pow(2).mean().backward()
+            engine.before_step()
+            opt.step()
+            engine.after_step()
+
+    train(5, 0.0)
+    engine.consolidate()
+    return engine, net, train
+
+
+def test_anchoring_pulls_important_synapses_back_and_leaves_updates_free() -> None:
+    engine, net, train = _engine_after_one_task(protection="anchor", anchor_rate=0.5)
+    anchor = net[0].weight.detach().clone()
+    free_engine, free_net, free_train = _engine_after_one_task(consolidation=0.0)
+    assert torch.equal(free_net[0].weight, net[0].weight)  # the same first task
+    train(20, 2.0)
+    free_train(20, 2.0)
+    drift = (net[0].weight.detach() - anchor).norm(dim=1)
+    free_drift = (free_net[0].weight.detach() - anchor).norm(dim=1)
+    important = engine.layers["0"].importance > 0.5
+    assert bool(important.any())
+    assert bool((drift[important] <= free_drift[important]).all())
+    assert float(drift[important].sum()) < 0.2 * float(free_drift[important].sum())
+    # bytes: one copy of the gated weights on top of the per-neuron state
+    anchored = sum(p.numel() * 4 for p in engine.protection.parameters())
+    assert engine.extra_state_bytes() == free_engine.extra_state_bytes() + anchored
+
+
+def test_anchors_round_trip_through_the_engine_state() -> None:
+    from lightning_ssr.core import SSREngine
+
+    engine, net, _ = _engine_after_one_task(protection="anchor", anchor_rate=0.5)
+    state = engine.state_dict()
+    assert set(state["anchors"]) == {"0.weight", "0.bias", "2.weight"}
+    twin = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    restored = SSREngine(twin, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, protection="anchor",
+                                         anchor_rate=0.5))
+    restored.load_state_dict(state)
+    for name, t in restored.state_dict()["anchors"].items():
+        assert torch.equal(t, state["anchors"][name])
+    assert "anchors" not in _engine_after_one_task()[0].state_dict()  # no copy of the weights by default
+
+
+# ---------------------------------------------------------------------------------- recycling
+def test_recycling_renews_unused_neurons_the_same_way_every_time() -> None:
+    def run(below: float):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        with torch.no_grad():
+            net[0].weight.abs_()
+            net[0].bias.fill_(0.1)
+            net[0].weight[:5] *= -1  # five neurons that never fire on x >= 0
+            net[0].bias[:5] = -1.0
+        from lightning_ssr.core import SSREngine
+
+        engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, recycle_below=below))
+        engine.attach()
+        before = net[0].weight.detach().clone()
+        for _ in range(3):
+            net(torch.rand(8, 4)).sum().backward()
+            engine.before_step()
+            engine.after_step()
+        engine.consolidate()
+        return engine, net, before
+
+    engine, net, before = run(0.1)
+    assert engine.layers["0"].recycled == 5
+    assert not torch.equal(net[0].weight[:5], before[:5]) and torch.equal(net[0].weight[5:], before[5:])
+    assert float(net[0].weight[:5].abs().max()) <= 0.5  # 1 / sqrt(fan_in = 4)
+    assert float(net[2].weight[:, :5].abs().sum()) == 0.0 and float(net[2].weight[:, 5:].abs().sum()) > 0
+    _, again, _ = run(0.1)
+    assert torch.equal(again[0].weight, net[0].weight)  # seeded by task and layer: DDP replicas agree
+    off, untouched, before = run(0.0)
+    assert off.layers["0"].recycled == 0 and torch.equal(untouched[0].weight, before)

@@ -18,7 +18,7 @@ ActivityFn = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 _ACTIVITIES = ("relu", "abs", "square")
 _SET_POINTS = ("self", "layer_mean")
 _IMPORTANCES = ("activity", "activity_grad")
-_PROTECTIONS = ("gradient", "update", "penalty")
+_PROTECTIONS = ("gradient", "update", "penalty", "anchor")
 
 
 @dataclass
@@ -54,6 +54,16 @@ class SSRConfig:
             of every task (``True``) or keep those of the first task (``False``). Default: ``True``.
         consolidation: strength ``lambda`` of the protection of important neurons; ``0``
             disables consolidation. Default: ``10.0``.
+        min_plasticity: capacity-adaptive protection: each layer's strength is lowered from
+            ``consolidation`` just enough that the layer keeps, averaged over its neurons, this
+            fraction of its plasticity (``mean 1 / (1 + lambda * importance)``). A layer whose
+            importance sits on few neurons keeps the full strength; one whose every neuron is
+            important (every task uses every neuron) is protected less. ``0`` keeps one fixed
+            strength. Default: ``0.0``.
+        recycle_below: plasticity recovery: at each task's end, re-initialize the incoming weights
+            of every neuron whose importance (relative to its layer's mean of 1, over all finished
+            tasks) is below this, and zero its outgoing weights, so that it is free and harmless
+            for the next task. ``0`` switches recycling off. Default: ``0.0``.
         importance: what makes a neuron important at the end of a task: ``"activity"`` (its
             mean activity relative to its layer) or ``"activity_grad"`` (its incoming
             ``|w * grad|`` relative to its layer). Default: ``"activity"``.
@@ -63,8 +73,12 @@ class SSRConfig:
         protection: how important neurons are protected: ``"gradient"`` (gradients of their
             incoming and outgoing weights divided by ``1 + lambda * importance``), ``"update"``
             (the optimizer's change to those weights divided likewise, which also holds under
-            Adam) or ``"penalty"`` (a loss term, only where the front end owns the loss).
-            Default: ``"update"``.
+            Adam), ``"penalty"`` (a loss term, only where the front end owns the loss) or
+            ``"anchor"`` (updates run free; after each step every synapse is pulled toward its
+            value at the last task's end by ``anchor_rate * (1 - gate)``: node-importance
+            anchoring, one copy of the gated weights). Default: ``"update"``.
+        anchor_rate: with ``protection="anchor"``, the fraction of its distance to the anchor a
+            fully protected synapse loses per optimizer step, in ``(0, 1]``. Default: ``0.05``.
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
             input columns) where the consumer is a tracked layer. Default: ``True``.
         protect_output: also protect the synapses into the (untracked) output layer, each by the
@@ -95,9 +109,12 @@ class SSRConfig:
     max_change: float = 0.01
     remeasure_set_points: bool = True
     consolidation: float = 10.0
+    min_plasticity: float = 0.0
+    recycle_below: float = 0.0
     importance: str = "activity"
     accumulate: str = "max"
     protection: str = "update"
+    anchor_rate: float = 0.05
     gate_outgoing: bool = True
     protect_output: bool = True
     scale_bias: bool = True
@@ -118,9 +135,12 @@ class SSRConfig:
         check_number("norm_rate", self.norm_rate, 0.0, 1.0)
         check_number("max_change", self.max_change, 0.0, 1.0, low_open=True, high_open=True)
         check_number("consolidation", self.consolidation, 0.0)
+        check_number("min_plasticity", self.min_plasticity, 0.0, 1.0, high_open=True)
+        check_number("recycle_below", self.recycle_below, 0.0)
         check_choice("importance", self.importance, _IMPORTANCES)
         check_choice("accumulate", self.accumulate, ("sum", "max"))
         check_choice("protection", self.protection, _PROTECTIONS)
+        check_number("anchor_rate", self.anchor_rate, 0.0, 1.0, low_open=True)
         check_number("eps", self.eps, 0.0, 1.0, low_open=True)
         for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias"):
             check_bool(flag, getattr(self, flag))

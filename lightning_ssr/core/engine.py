@@ -27,11 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ssr.core import rules
+from lightning_ssr.core.anchoring import Anchoring
 from lightning_ssr.core.config import SSRConfig
 from lightning_ssr.core.consolidation import Consolidation
 from lightning_ssr.core.homeostasis import Homeostasis
 from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES, find_layers, find_output_layers
 from lightning_ssr.core.protection import Protection
+from lightning_ssr.core.recycling import Recycling
 from lightning_ssr.core.sensing import ActivitySensor, ReduceFn, split_means
 from lightning_ssr.core.state import LayerState
 from lightning_ssr.core.topology import ConsumerFinder
@@ -117,6 +119,8 @@ class SSREngine:
         self.homeostasis = Homeostasis(cfg)
         self.consolidation = Consolidation(cfg)
         self.protection = Protection(cfg)
+        self.anchoring = Anchoring(cfg.anchor_rate if cfg.protection == "anchor" else 0.0)
+        self.recycling = Recycling(cfg.recycle_below)
         self.consumers = ConsumerFinder(model)
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
 
@@ -154,9 +158,11 @@ class SSREngine:
 
     def _build_gates(self) -> None:
         self.protection.build(self.layers, self.outputs, self._consolidated, self.protecting)
+        self.anchoring.gates_changed()
 
     def _refresh_gates(self) -> None:
         self.protection.refresh(self.layers, self.outputs, self._consolidated, self.protecting)
+        self.anchoring.gates_changed()
 
     # -------------------------------------------------------------- the steps
     def before_step(self) -> None:
@@ -185,6 +191,8 @@ class SSREngine:
         """
         self._resolve_consumers()
         self.protection.after_step()
+        if self.protecting:
+            self.anchoring.pull(self.protection.cache)
         self.step += 1
         self.task_step += 1
         self._window += 1
@@ -262,7 +270,7 @@ class SSREngine:
 
     def named_parameters_gated(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters whose gradients or updates protection changes (for inspection)."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        names = self._param_names()
         for p in self.protection.parameters():
             yield names.get(id(p), "?"), p
 
@@ -282,8 +290,10 @@ class SSREngine:
                 self.homeostasis.new_task(st)
         self.tasks += 1
         self.task_step = 0
+        self.recycling.recycle(self.layers.values(), self.tasks)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
+        self.anchoring.set_anchors(self.protection.parameters())
         if self.attached:
             self._record_order()
 
@@ -303,8 +313,10 @@ class SSREngine:
 
     # ------------------------------------------------------------------ state
     def extra_state_bytes(self) -> int:
-        """Bytes the engine stores beyond the model (all O(neurons))."""
-        return sum(t.numel() * t.element_size() for st in self.sensor.states() for t in st.tensors().values())
+        """Bytes the engine stores beyond the model: O(neurons), plus one copy of the gated
+        weights with ``protection="anchor"``."""
+        per_neuron = sum(t.numel() * t.element_size() for st in self.sensor.states() for t in st.tensors().values())
+        return per_neuron + self.anchoring.nbytes()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: counters and every per-neuron tensor."""
@@ -317,7 +329,11 @@ class SSREngine:
             "window": self._window,
             "layers": {name: st.state_dict() for name, st in self.layers.items()},
             "outputs": {name: st.state_dict() for name, st in self.outputs.items()},
+            **({"anchors": self.anchoring.state_dict(self._param_names())} if self.anchoring.enabled else {}),
         }
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.model.named_parameters()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; the tracked layers must be the same."""
@@ -339,3 +355,5 @@ class SSREngine:
         if self.tasks:
             self._consolidated = {id(p) for p in self.model.parameters()}
             self._refresh_gates()
+        if self.anchoring.enabled:
+            self.anchoring.load_state_dict(state.get("anchors", {}), dict(self.model.named_parameters()))

@@ -1,0 +1,106 @@
+"""Node-importance anchoring: pull synapses back toward their values at the last task's end.
+
+Gating an update (``protection="update"``) slows every synapse of an important neuron, so where
+every neuron serves every task (Permuted streams) a new task is learned slowly. Anchoring, in the
+spirit of UCL (Ahn et al. 2019), lets the optimizer move every synapse at full speed and, after
+each step, pulls it back toward where the finished tasks left it, by a fraction that grows with the
+importance of the neurons it connects:
+
+    p <- p + anchor_rate * (1 - gate) * (anchor - p)
+
+where ``gate = 1 / (1 + lambda * importance)`` is the same per-synapse plasticity that update
+gating uses (so incoming, outgoing and output synapses are weighted as there). A synapse settles
+where the task's gradient and the pull balance, as under a quadratic penalty, but the pull is
+applied in place after the step (decoupled, as AdamW decouples weight decay), so it also works
+where the front end cannot change the loss. It costs one copy of the gated weights (half of EWC's
+state), saved in the engine's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Anchoring"]
+
+#: ``(parameter, view shape, combined gate)`` as :class:`~lightning_ssr.core.protection.Protection` caches it.
+CacheEntry = tuple[nn.Parameter, tuple[int, ...], Tensor]
+
+
+class Anchoring:
+    """One anchor per gated parameter, and the pull toward it after every optimizer step.
+
+    Args:
+        rate: ``anchor_rate``, the fraction of the distance to the anchor removed per step from a
+            fully protected synapse (gate 0); ``0`` switches anchoring off.
+
+    Example:
+        >>> lin = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.fill_(1.0)
+        >>> cache = [(lin.weight, (1, -1), torch.tensor([[0.5]]))]
+        >>> anchoring = Anchoring(rate=0.2)
+        >>> anchoring.set_anchors([lin.weight])
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.fill_(2.0)
+        >>> anchoring.pull(cache)
+        >>> lin.weight  # 2 + 0.2 * (1 - 0.5) * (1 - 2)
+        Parameter containing:
+        tensor([[1.9000, 1.9000]], requires_grad=True)
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = float(rate)
+        self._anchors: dict[int, Tensor] = {}
+        self._weights: dict[int, Tensor] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def set_anchors(self, params: Iterable[nn.Parameter]) -> None:
+        """End of a task: the gated parameters' current values become their anchors."""
+        if not self.enabled:
+            return
+        self._anchors = {id(p): p.detach().clone(memory_format=torch.contiguous_format) for p in params}
+        self._weights = {}
+
+    def pull(self, cache: Iterable[CacheEntry]) -> None:
+        """After an optimizer step: ``p <- p + rate * (1 - gate) * (anchor - p)``, in place."""
+        if not self.enabled or not self._anchors:
+            return
+        with torch.no_grad():
+            for p, shape, gate in cache:
+                anchor = self._anchors.get(id(p))
+                if anchor is None:
+                    continue
+                w = self._weights.get(id(p))
+                if w is None or w.device != p.device:
+                    w = self._weights[id(p)] = (self.rate * (1.0 - gate)).to(device=p.device, dtype=p.dtype)
+                if anchor.device != p.device:
+                    anchor = self._anchors[id(p)] = anchor.to(p.device)
+                p.view(shape).lerp_(anchor.view(shape), w)
+
+    def gates_changed(self) -> None:
+        """The gates were rebuilt: recompute the pull weights on the next step."""
+        self._weights = {}
+
+    def nbytes(self) -> int:
+        """Bytes held by the anchors (one copy of the gated weights)."""
+        return sum(t.numel() * t.element_size() for t in self._anchors.values())
+
+    def state_dict(self, names: Mapping[int, str]) -> dict[str, Tensor]:
+        """The anchors by parameter name (``names`` maps ``id(p)`` to the model's name for ``p``)."""
+        return {names[i]: t.detach().clone() for i, t in self._anchors.items() if i in names}
+
+    def load_state_dict(self, state: Mapping[str, Any], params: Mapping[str, nn.Parameter]) -> None:
+        """Restore anchors saved by :meth:`state_dict` onto the parameters named in ``params``."""
+        missing = sorted(set(state) - set(params))
+        if missing:
+            raise ValueError(f"SSR anchors saved for parameters {missing}, which this model does not have")
+        self._anchors = {id(params[n]): t.detach().clone().to(device=params[n].device, dtype=params[n].dtype)
+                         for n, t in state.items()}
+        self._weights = {}

@@ -1,0 +1,106 @@
+"""Plasticity recovery: neurons no finished task needed are made new for the next one.
+
+In long streams a network loses plasticity: units die or saturate, and protection leaves fewer
+free ones each task. Continual backprop (Dohare et al. 2024), NISPA and CLNP recycle the least-used
+units; AGS-CL (Jung et al. 2020) re-initializes unimportant nodes before each task and cuts their
+connections into important ones, so that what they learn next cannot overwrite old outputs.
+
+At the end of each task, every neuron of a tracked layer whose accumulated importance (its use
+relative to its layer's mean, over all finished tasks) is below ``recycle_below`` gets:
+
+* fresh incoming weights and bias, drawn as PyTorch initializes a Linear or Conv layer
+  (uniform in ``+-1 / sqrt(fan_in)``), from a generator seeded by the task count and the layer,
+  so every DDP replica and every resumed run draws the same numbers;
+* zero outgoing weights (its columns in the layer that consumes it): the new unit starts with no
+  effect on the network's output, and where the consumer is protected the zero is what is kept.
+
+Its importance stays (below the threshold: the unit is free); the optimizer's running moments of
+those weights are left to decay. No state of its own beyond a per-layer count for diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from lightning_ssr.core.layers import weight_rows
+from lightning_ssr.core.state import LayerState
+
+__all__ = ["Recycling"]
+
+
+class Recycling:
+    """Re-initialize the neurons no finished task used, at each task's end.
+
+    Args:
+        below: ``recycle_below``, the importance (relative to the layer mean of 1) under which a
+            neuron is recycled; ``0`` switches recycling off.
+
+    Example:
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> st = LayerState("0", net[0])
+        >>> st.importance.copy_(torch.tensor([2.0, 0.0, 1.5, 0.5]))
+        tensor([2.0000, 0.0000, 1.5000, 0.5000])
+        >>> st.consumer = (net[2], 1)
+        >>> Recycling(below=0.1).recycle([st], task=1)
+        1
+        >>> net[2].weight[:, 1].abs().sum().item()  # the recycled neuron's outgoing weights
+        0.0
+    """
+
+    def __init__(self, below: float) -> None:
+        self.below = float(below)
+
+    @property
+    def enabled(self) -> bool:
+        return self.below > 0
+
+    def free(self, st: LayerState) -> Tensor:
+        """The indices of ``st``'s neurons under the threshold."""
+        return torch.nonzero(st.importance < self.below).flatten()
+
+    def recycle(self, layers: Iterable[LayerState], task: int) -> int:
+        """Recycle the free neurons of every layer after task ``task`` (``1`` for the first).
+
+        Returns:
+            How many neurons were recycled in all.
+        """
+        if not self.enabled:
+            return 0
+        total = 0
+        with torch.no_grad():
+            for st in layers:
+                idx = self.free(st)
+                st.recycled = int(idx.numel())
+                if not idx.numel():
+                    continue
+                total += idx.numel()
+                self._reinit_incoming(st, idx, task)
+                if st.consumer is not None:
+                    cons = st.consumer[0]
+                    cols = cons.weight.view(cons.weight.shape[0], st.n, -1)
+                    cols[:, idx.to(cols.device), :] = 0.0
+        return total
+
+    @staticmethod
+    def _reinit_incoming(st: LayerState, idx: Tensor, task: int) -> None:
+        mod = st.module
+        rows = weight_rows(mod.weight, mod)
+        bound = 1.0 / math.sqrt(rows.shape[1]) if rows.shape[1] else 0.0
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{st.name}:{task}".encode()))
+        fresh = (torch.rand((idx.numel(), rows.shape[1]), generator=gen) * 2 - 1) * bound
+        dev_idx = idx.to(rows.device)
+        rows[dev_idx] = fresh.to(device=rows.device, dtype=rows.dtype)
+        if mod.weight.data_ptr() != rows.data_ptr() or not mod.weight.is_contiguous():
+            mod.weight.copy_(rows.view_as(mod.weight))  # reshape copied a non-contiguous weight
+        bias = getattr(mod, "bias", None)
+        if bias is not None:
+            b = (torch.rand(idx.numel(), generator=gen) * 2 - 1) * bound
+            bias[dev_idx] = b.to(device=bias.device, dtype=bias.dtype)
