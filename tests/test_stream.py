@@ -146,6 +146,7 @@ def test_one_logger_run_with_increasing_steps(benches, tmp_path) -> None:
     last = [r for r in rows if r["stream/average_accuracy"]][-1]
     assert float(last["stream/average_accuracy"]) == pytest.approx(result.average_accuracy)
     assert float(last["stream/backward_transfer"]) == pytest.approx(result.backward_transfer)
+    assert float(last["stream/plasticity"]) == pytest.approx(result.plasticity)
     assert [float(last[f"stream/acc_exp{j}"]) for j in range(5)] == pytest.approx(result.accuracy[-1])
 
 

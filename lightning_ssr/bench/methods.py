@@ -28,6 +28,10 @@ _SSR_GRID: tuple[dict[str, Any], ...] = (
 )
 
 
+#: Buffer sizes of replay, and of SSR beside replay (the same, so the two compare at equal memory).
+_REPLAY_GRID: tuple[dict[str, Any], ...] = ({"mem_size": 200}, {"mem_size": 500}, {"mem_size": 100}, {"mem_size": 1000})
+
+
 @dataclass(frozen=True)
 class Method:
     """A benchmarked method.
@@ -89,10 +93,12 @@ METHODS: dict[str, Method] = {
         Method("lwf", "avalanche", "Avalanche LwFPlugin (distillation)", "lwf", {"temperature": 2.0},
                ({"alpha": 1.0}, {"alpha": 10.0}, {"alpha": 0.1}, {"alpha": 3.0})),
         Method("replay", "avalanche", "Avalanche ReplayPlugin (a buffer of past samples)", "replay", {},
-               ({"mem_size": 200}, {"mem_size": 500}, {"mem_size": 100}, {"mem_size": 1000}), keeps_buffer=True),
+               _REPLAY_GRID, keeps_buffer=True),
         Method("pnn", "avalanche", "Avalanche PNNStrategy (a new column per task)", scenarios=("task",)),
         _ssr("ssr", "SSR: the SynapticScaling Lightning callback"),
         _ssr("ssr-plugin", "SSR: the SSRPlugin inside Avalanche's Naive", runner="avalanche"),
+        Method("ssr-replay", "avalanche", "SSRPlugin beside Avalanche's ReplayPlugin, the same buffer candidates as replay",
+               "ssr+replay", SSR_DEFAULTS, _REPLAY_GRID, keeps_buffer=True),
         _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
         _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (scaling only)", consolidation=0.0),
@@ -108,6 +114,8 @@ METHODS: dict[str, Method] = {
 DEFAULT_METHODS: tuple[str, ...] = ("naive", "ewc", "online-ewc", "si", "mas", "lwf", "replay", "ssr", "ssr-plugin")
 #: ``--methods all``: everything, ablations included.
 ALL = "all"
+#: SSR rows that are not one part switched: the other front end, and SSR combined with replay.
+_NOT_ABLATIONS = ("ssr-plugin", "ssr-replay")
 ABLATIONS = "ablations"
 
 
@@ -141,7 +149,7 @@ def resolve_methods(names: str, scenario: str) -> list[Method]:
         if name == ALL:
             wanted += [n for n, m in METHODS.items() if scenario in m.scenarios]
         elif name == ABLATIONS:
-            wanted += ["ssr"] + [n for n in METHODS if n.startswith("ssr-") and n != "ssr-plugin"]
+            wanted += ["ssr"] + [n for n in METHODS if n.startswith("ssr-") and n not in _NOT_ABLATIONS]
         elif name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {method_names()}, 'all' or 'ablations'")
         else:

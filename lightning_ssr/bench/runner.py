@@ -119,6 +119,9 @@ def _plugin(method: Method, hp: Mapping[str, Any]) -> list[Any]:
 
     if method.plugin == "si":
         fix_synaptic_intelligence()  # avalanche-lib 0.6's SI measures no importance on CPU
+    if method.plugin == "ssr+replay":  # SSR inside Avalanche beside a replay buffer of the same size as replay's
+        ssr_hp = {k: v for k, v in hp.items() if k != "mem_size"}
+        return [SSRPlugin(**ssr_hp), ReplayPlugin(mem_size=hp["mem_size"])]
     make = {"ewc": EWCPlugin, "si": SynapticIntelligencePlugin, "mas": MASPlugin, "lwf": LwFPlugin,
             "replay": ReplayPlugin, "ssr": SSRPlugin}[method.plugin]
     return [make(**hp)]
@@ -176,7 +179,7 @@ def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
         rows.append(row)
     extra = 0
     for p in plugins:
-        extra += _replay_bytes(p, bench) if method.plugin == "replay" else (
+        extra += _replay_bytes(p, bench) if hasattr(p, "storage_policy") else (
             p.extra_state_bytes() if hasattr(p, "extra_state_bytes") else state_bytes(p, model))
     if method.name == "pnn":
         extra = sum(p.numel() * p.element_size() for p in model.parameters()) - _first_column_bytes(model)

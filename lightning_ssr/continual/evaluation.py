@@ -36,6 +36,7 @@ from lightning_ssr.continual.metrics import (
     average_accuracy,
     average_forgetting,
     backward_transfer,
+    plasticity,
 )
 from lightning_ssr.continual.module import unpack_batch
 from lightning_ssr.continual.streams import _adapt, _dataset_of, _phase, _Shard
@@ -108,6 +109,7 @@ def _log_row(loggers: Sequence[Logger], i: int, rows: Mapping[str, list], step: 
         "stream/average_accuracy_seen": average_accuracy(acc, seen_only=True),
         "stream/average_forgetting": average_forgetting(acc),
         "stream/backward_transfer": backward_transfer(acc),
+        "stream/plasticity": plasticity(acc),
         "stream/train_time_s": rows["train_time_s"][-1],
     })
     if rank_zero_only.rank == 0:

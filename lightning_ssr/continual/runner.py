@@ -322,7 +322,7 @@ def fit_stream(
     Logged per experience (at the step reached after it): ``stream/acc_exp{j}`` for every test
     experience, ``stream/average_accuracy`` (all test experiences), ``stream/average_accuracy_seen``
     (those trained so far), ``stream/average_forgetting``, ``stream/backward_transfer``,
-    ``stream/experience`` and ``stream/train_time_s``; plus whatever the module and callbacks log.
+    ``stream/plasticity``, ``stream/experience`` and ``stream/train_time_s``; plus whatever the module and callbacks log.
     Once, from the global-zero process when the first experience's Trainer is set up, the run's
     hyperparameters ``{"stream": ..., "method": ..., "method_config": ...}`` (the stream's settings
     and, e.g., the SSR configuration). At the end of the stream a Weights & Biases logger

@@ -1,0 +1,134 @@
+"""Choose SSR's defaults on validation splits, never on the test set.
+
+Every training experience of each stream is split 80/20 (``validation_benchmark``, as the bench's
+hyperparameter search does); each candidate configuration trains on the 80 % and is scored on the
+20 %. The table gives, per stream, the validation average accuracy and plasticity (accuracy on
+each task right after learning it) of plain training and of every candidate, and the last columns
+the worst and mean gap to plain training over the streams: a default must never fall far below
+plain training anywhere.
+
+Usage::
+
+    python benchmarks/choose_defaults.py                       # digits, the three scenarios
+    python benchmarks/choose_defaults.py --streams all --seeds 2
+    python benchmarks/choose_defaults.py --candidates '{"fixed": {"min_plasticity": 0.0}}'
+
+Prints one table; ``--json FILE`` also writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+#: name -> SSR keyword arguments on top of the library defaults.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "fixed-strength": {"min_plasticity": 0.0},
+    "plasticity-0.3": {"min_plasticity": 0.3},
+    "plasticity-0.5": {"min_plasticity": 0.5},
+    "plasticity-0.7": {"min_plasticity": 0.7},
+}
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One validation stream: data, protocol, scenario and its training budget."""
+
+    name: str
+    dataset: str
+    protocol: str
+    scenario: str
+    tasks: int
+    epochs: int
+    train_subset: int | None = None
+    hidden: int | None = None
+
+
+STREAMS: dict[str, Stream] = {s.name: s for s in (
+    Stream("digits-task", "digits", "split", "task", 5, 5),
+    Stream("digits-domain", "digits", "split", "domain", 5, 5),
+    Stream("digits-class", "digits", "split", "class", 5, 5),
+    Stream("fmnist-split-task", "fmnist", "split", "task", 5, 1),
+    Stream("fmnist-split-domain", "fmnist", "split", "domain", 5, 1),
+    Stream("fmnist-split-class", "fmnist", "split", "class", 5, 1),
+    Stream("fmnist-permuted10-domain", "fmnist", "permuted", "domain", 10, 1, 10000),
+    Stream("fmnist-permuted20-domain", "fmnist", "permuted", "domain", 20, 1, 5000),
+)}
+DIGITS = ("digits-task", "digits-domain", "digits-class")
+
+
+def run(streams: list[Stream], candidates: dict[str, dict[str, Any]], seeds: int) -> dict[str, Any]:
+    from lightning_ssr.bench.command import _quiet
+    from lightning_ssr.bench.methods import METHODS, Method
+    from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
+    from lightning_ssr.data import make_benchmark
+
+    _quiet()
+    out: dict[str, Any] = {}
+    for st in streams:
+        bench = make_benchmark(st.dataset, st.protocol, st.scenario, st.tasks, seed=0, train_subset=st.train_subset)
+        val = validation_benchmark(bench, 0.2, seed=0)
+        hidden = st.hidden or (1000 if st.protocol == "permuted" else 400)
+        s = RunSettings(hidden=hidden, epochs=st.epochs, batch_size=32 if st.dataset == "digits" else 128)
+        rows: dict[str, Any] = {}
+        for name, hp in {"naive": None, **candidates}.items():
+            method = METHODS["naive-lightning"] if hp is None else Method(f"ssr:{name}", "lightning", name)
+            acc, plast, secs = [], [], []
+            for seed in range(seeds):
+                t0 = time.perf_counter()
+                r = run_method(method, hp or {}, val, s, seed)
+                secs.append(time.perf_counter() - t0)
+                acc.append(r.average_accuracy)
+                plast.append(r.plasticity)
+            rows[name] = {"accuracy": statistics.fmean(acc), "plasticity": statistics.fmean(plast),
+                          "seconds": statistics.fmean(secs), "per_seed": acc}
+            print(f"  {st.name:<26} {name:<18} acc {100 * rows[name]['accuracy']:5.1f}  "
+                  f"plasticity {100 * rows[name]['plasticity']:5.1f}  {rows[name]['seconds']:.0f} s", flush=True)
+        out[st.name] = rows
+    return out
+
+
+def table(results: dict[str, Any], candidates: list[str]) -> str:
+    streams = list(results)
+    head = f"{'candidate':<18}" + "".join(f"{s[:22]:>24}" for s in streams) + f"{'worst gap':>11}{'mean gap':>10}"
+    lines = ["validation average accuracy % (plasticity %); gap = candidate - naive, points", head]
+    for name in ["naive", *candidates]:
+        cells, gaps = [], []
+        for s in streams:
+            r = results[s][name]
+            cells.append(f"{100 * r['accuracy']:>14.1f} ({100 * r['plasticity']:5.1f})")
+            gaps.append(100 * (r["accuracy"] - results[s]["naive"]["accuracy"]))
+        lines.append(f"{name:<18}" + "".join(f"{c:>24}" for c in cells) + f"{min(gaps):>11.1f}{statistics.fmean(gaps):>10.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", default=",".join(DIGITS),
+                        help=f"comma-separated from {list(STREAMS)}, or 'all' (default: the digits streams)")
+    parser.add_argument("--candidates", default=None,
+                        help="JSON object name -> SSR keyword arguments (default: the built-in candidates)")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per candidate (default: 2)")
+    parser.add_argument("--json", default=None, help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    names = list(STREAMS) if args.streams == "all" else [n.strip() for n in args.streams.split(",")]
+    unknown = [n for n in names if n not in STREAMS]
+    if unknown:
+        parser.error(f"--streams: unknown {unknown}; choose from {list(STREAMS)} or 'all'")
+    candidates = json.loads(args.candidates) if args.candidates else CANDIDATES
+    results = run([STREAMS[n] for n in names], candidates, args.seeds)
+    print(table(results, list(candidates)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
