@@ -73,7 +73,8 @@ def methods(args: argparse.Namespace) -> dict[str, Callable[[], list[SupervisedP
         "SI": lambda: [SynapticIntelligencePlugin(si_lambda=args.si_lambda)],
         "LwF": lambda: [LwFPlugin(alpha=args.lwf_alpha, temperature=2.0)],
         "Replay": lambda: [ReplayPlugin(mem_size=args.replay_memory)],
-        "SSR": lambda: [SSRPlugin(consolidation=args.ssr_consolidation, protection=args.ssr_protection)],
+        "SSR": lambda: [SSRPlugin(**{k: v for k, v in (("consolidation", args.ssr_consolidation),
+                                                       ("protection", args.ssr_protection)) if v is not None})],
     }
 
 
@@ -120,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--si-lambda", type=float, default=100.0)
     parser.add_argument("--lwf-alpha", type=float, default=1.0)
     parser.add_argument("--replay-memory", type=int, default=100)
-    parser.add_argument("--ssr-consolidation", type=float, default=1.0)
-    parser.add_argument("--ssr-protection", default="update", choices=["update", "gradient", "penalty"])
+    parser.add_argument("--ssr-consolidation", type=float, default=None,
+                        help="SSR's protection strength (default: the library's)")
+    parser.add_argument("--ssr-protection", default=None, choices=["update", "gradient", "penalty", "anchor"],
+                        help="how SSR protects important neurons (default: the library's)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.set_num_threads(1)  # a tiny MLP: more threads only add overhead

@@ -67,9 +67,8 @@ def main() -> None:
                         help="write a stream checkpoint after each task in CKPT_DIR/<method>")
     parser.add_argument("--resume", action="store_true", help="continue from --ckpt-dir")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny MLP)")
-    parser.add_argument("--consolidation", type=float, default=1.0,
-                        help="SSR's protection strength; digits' tasks are short (about 25 steps), where weaker "
-                             "protection than the library default (10, measured on Fashion-MNIST) keeps plasticity")
+    parser.add_argument("--consolidation", type=float, default=None,
+                        help="SSR's protection strength (default: the library's, SSRConfig().consolidation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="lightning")
@@ -86,7 +85,8 @@ def main() -> None:
         if method == "ssr":
             from lightning_ssr.callback import SynapticScaling
 
-            callbacks.append(SynapticScaling(consolidation=args.consolidation))
+            kwargs = {} if args.consolidation is None else {"consolidation": args.consolidation}
+            callbacks.append(SynapticScaling(**kwargs))
         torch.manual_seed(args.seed)
         module = ClassifierModule(make_model(bench, args.hidden), lr=args.lr, task_labels=bench.multi_head)
         result = fit_stream(

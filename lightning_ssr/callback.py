@@ -276,5 +276,6 @@ class SynapticScaling(Callback):
         return self.engine.neuron_statistics() if self.engine is not None else {}
 
     def extra_state_bytes(self) -> int:
-        """Bytes of SSR state beyond the model (O(neurons)); 0 before set-up."""
+        """Bytes of SSR state beyond the model: O(neurons), plus one copy of the gated weights
+        with ``protection="anchor"`` (the default); 0 before set-up."""
         return self.engine.extra_state_bytes() if self.engine is not None else 0

@@ -119,7 +119,8 @@ def test_runs_consolidates_once_per_experience_and_leaves_no_hooks(split_fmnist:
     accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
     assert 0.0 <= accuracy <= 1.0 and "StreamForgetting/eval_phase/test_stream" in results
     states = [*ssr.engine.layers.values(), *ssr.engine.outputs.values()]  # hidden neurons and output units
-    assert ssr.extra_state_bytes() == sum(t.numel() * 4 for st in states for t in st.tensors().values())
+    anchored = sum(p.numel() * 4 for _, p in ssr.engine.named_parameters_gated())  # the default anchoring's copy
+    assert ssr.extra_state_bytes() == sum(t.numel() * 4 for st in states for t in st.tensors().values()) + anchored
 
 
 def test_protected_neurons_change_less_than_without_the_plugin(split_fmnist: ContinualBenchmark) -> None:
@@ -259,7 +260,7 @@ def test_config_and_keyword_overrides() -> None:
     base = SSRConfig(consolidation=4.0)
     plugin = SSRPlugin(base, protection="penalty")
     assert plugin.config.consolidation == 4.0 and plugin.config.protection == "penalty"
-    assert base.protection == "update"  # the given config is not modified
+    assert base.protection == "anchor"  # the given config is not modified
     assert plugin.extra_state_bytes() == 0 and "not built" in repr(plugin)
 
 

@@ -116,7 +116,7 @@ def test_bf16_mixed_keeps_float32_statistics() -> None:
 def test_each_fit_consolidates_a_task_and_protection_slows_important_neurons() -> None:
     torch.manual_seed(1)
     net = tiny_mlp()
-    cb = SynapticScaling(consolidation=50.0)
+    cb = SynapticScaling(consolidation=50.0, protection="update")
     model = Classifier(net, lr=0.2)
     _trainer([cb]).fit(model, _loader(seed=1))
     assert cb.engine.tasks == 1
@@ -222,13 +222,13 @@ def _resume_run(tmp_path: Path, stop: bool, **extra: Any) -> tuple[dict, dict]:
     return {k: v.clone() for k, v in model.state_dict().items()}, cb.engine.state_dict()
 
 
-@pytest.mark.parametrize("extra", [{}, {"protection": "anchor", "anchor_rate": 0.3, "min_plasticity": 0.5}],
+@pytest.mark.parametrize("extra", [{"protection": "update"}, {"protection": "anchor", "anchor_rate": 0.3, "min_plasticity": 0.5}],
                          ids=["update", "anchor-capacity"])
 def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> None:
     weights_a, state_a = _resume_run(tmp_path, stop=False, **extra)
     weights_b, state_b = _resume_run(tmp_path, stop=True, **extra)
     assert sorted(state_a.get("anchors", {})) == sorted(state_b.get("anchors", {}))
-    assert ("anchors" in state_a) == bool(extra)
+    assert ("anchors" in state_a) == (extra["protection"] == "anchor")
     for name, anchor in state_a.get("anchors", {}).items():
         assert_close(state_b["anchors"][name], anchor, rtol=0, atol=0)
     for k in weights_a:

@@ -261,7 +261,7 @@ def test_synapses_into_output_units_no_task_used_stay_plastic() -> None:
     import copy
 
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=10.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, consolidation=10.0, protection="update"))
     engine.attach()
     x = torch.randn(64, 8)
     y = (x[:, 0] > 0).long()  # a learnable task on classes 0 and 1
@@ -346,14 +346,14 @@ def test_non_finite_activity_is_skipped_with_a_warning() -> None:
 
 def test_state_is_o_neurons_and_round_trips() -> None:
     net = tiny_mlp(hidden=16)
-    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=0.5))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=0.5, protection="update"))
     engine.attach()
     _train_steps(engine, net, 3, torch.randn(8, 8))
     engine.consolidate()
     neurons = sum(st.n for st in [*engine.layers.values(), *engine.outputs.values()])
     assert engine.extra_state_bytes() == neurons * 9 * 4  # nine float32 vectors per neuron (and output unit)
     state = engine.state_dict()
-    other = SSREngine(tiny_mlp(hidden=16), SSRConfig(update_every=1, scaling_rate=0.5))
+    other = SSREngine(tiny_mlp(hidden=16), SSRConfig(update_every=1, scaling_rate=0.5, protection="update"))
     other.load_state_dict(state)
     for name in engine.layers:
         for key, t in engine.layers[name].tensors().items():

@@ -274,7 +274,7 @@ def test_anchors_round_trip_through_the_engine_state() -> None:
     restored.load_state_dict(state)
     for name, t in restored.state_dict()["anchors"].items():
         assert torch.equal(t, state["anchors"][name])
-    assert "anchors" not in _engine_after_one_task()[0].state_dict()  # no copy of the weights by default
+    assert "anchors" not in _engine_after_one_task(protection="update")[0].state_dict()  # no weight copy there
 
 
 # ---------------------------------------------------------------------------------- recycling

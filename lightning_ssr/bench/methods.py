@@ -19,12 +19,12 @@ __all__ = ["METHODS", "SSR_DEFAULTS", "Method", "method_names", "resolve_methods
 #: SSR's benchmark settings: the library's defaults (chosen on Split and Permuted Fashion-MNIST,
 #: see the README), so ``lightning-ssr bench`` measures what ``SynapticScaling()`` does.
 SSR_DEFAULTS: dict[str, Any] = {}
-#: Protection strength matters most and differs by protocol (Split prefers more, Permuted less).
+#: The anchoring rate and the strength matter most (Split prefers more, Permuted less).
 _SSR_GRID: tuple[dict[str, Any], ...] = (
     {},
+    {"anchor_rate": 0.05},
     {"consolidation": 30.0},
-    {"consolidation": 3.0},
-    {"consolidation": 1.0},
+    {"anchor_rate": 0.2},
 )
 
 
@@ -99,12 +99,17 @@ METHODS: dict[str, Method] = {
         _ssr("ssr-plugin", "SSR: the SSRPlugin inside Avalanche's Naive", runner="avalanche"),
         Method("ssr-replay", "avalanche", "SSRPlugin beside Avalanche's ReplayPlugin, the same buffer candidates as replay",
                "ssr+replay", SSR_DEFAULTS, _REPLAY_GRID, keeps_buffer=True),
+        _ssr("ssr-update", "SSR ablation: gate important neurons' updates instead of anchoring (the earlier default)",
+             protection="update"),
+        _ssr("ssr-capacity", "SSR ablation: capacity-adaptive strength, each layer keeps half its plasticity",
+             min_plasticity=0.5),
+        _ssr("ssr-recycle", "SSR ablation: recycle neurons of importance below 0.1 at each task's end", recycle_below=0.1),
         _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
         _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (scaling only)", consolidation=0.0),
         _ssr("ssr-sum", "SSR ablation: importance summed over tasks, not saturating", accumulate="sum"),
         _ssr("ssr-layer-mean", "SSR ablation: layer-mean set points (load balancing)", set_point="layer_mean"),
-        _ssr("ssr-gradient", "SSR ablation: protection on gradients, not on updates", protection="gradient"),
+        _ssr("ssr-gradient", "SSR ablation: protection on gradients, not anchoring", protection="gradient"),
         _ssr("ssr-no-outgoing", "SSR ablation: protect incoming weights only", gate_outgoing=False),
         _ssr("ssr-free-output", "SSR ablation: synapses into the output layer unprotected", protect_output=False),
     )

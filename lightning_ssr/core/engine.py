@@ -237,18 +237,7 @@ class SSREngine:
         (the last scale factors applied to the incoming weights) and ``importance`` (accumulated
         over consolidated tasks). Identical on every process under DDP.
         """
-        out: dict[str, dict[str, Tensor]] = {}
-        for name, st in self.layers.items():
-            activity = st.activity.detach().float().cpu()
-            set_point = self.homeostasis.current_set_point(st).detach().float().cpu()
-            out[name] = {
-                "activity": activity,
-                "set_point": set_point,
-                "activity_minus_set_point": activity - set_point,
-                "factor": st.factor.detach().float().cpu(),
-                "importance": st.importance.detach().float().cpu(),
-            }
-        return out
+        return {name: self.homeostasis.statistics(st) for name, st in self.layers.items()}
 
     def diagnostics(self) -> dict[str, dict[str, Tensor]]:
         """Per-layer summaries of the last update, computed on demand (0-dim float32 tensors).
@@ -257,16 +246,7 @@ class SSREngine:
         (NaN while set points are still being measured); ``factor_mean/min/max``: the last scale
         factors applied to incoming weights.
         """
-        out: dict[str, dict[str, Tensor]] = {}
-        for st in self.layers.values():
-            out[st.name] = {
-                "activity": st.activity.mean(),
-                "deviation": (st.activity - self.homeostasis.current_set_point(st)).abs().mean(),
-                "factor_mean": st.factor.mean(),
-                "factor_min": st.factor.min(),
-                "factor_max": st.factor.max(),
-            }
-        return out
+        return {name: self.homeostasis.summary(st) for name, st in self.layers.items()}
 
     def named_parameters_gated(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters whose gradients or updates protection changes (for inspection)."""
@@ -293,7 +273,8 @@ class SSREngine:
         self.recycling.recycle(self.layers.values(), self.tasks)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
-        self.anchoring.set_anchors(self.protection.parameters())
+        if self.protecting:
+            self.anchoring.set_anchors(self.protection.parameters())
         if self.attached:
             self._record_order()
 

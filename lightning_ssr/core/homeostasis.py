@@ -64,6 +64,28 @@ class Homeostasis:
             return st.activity.mean().expand_as(st.activity)
         return st.set_point
 
+    def statistics(self, st: LayerState) -> dict[str, Tensor]:
+        """Per-neuron float32 CPU copies: activity, set point, their difference, factor, importance."""
+        activity = st.activity.detach().float().cpu()
+        set_point = self.current_set_point(st).detach().float().cpu()
+        return {
+            "activity": activity,
+            "set_point": set_point,
+            "activity_minus_set_point": activity - set_point,
+            "factor": st.factor.detach().float().cpu(),
+            "importance": st.importance.detach().float().cpu(),
+        }
+
+    def summary(self, st: LayerState) -> dict[str, Tensor]:
+        """0-dim summaries of the layer: mean activity, mean ``|activity - set point|``, factors."""
+        return {
+            "activity": st.activity.mean(),
+            "deviation": (st.activity - self.current_set_point(st)).abs().mean(),
+            "factor_mean": st.factor.mean(),
+            "factor_min": st.factor.min(),
+            "factor_max": st.factor.max(),
+        }
+
     def set_point(self, st: LayerState, warm: bool) -> Tensor:
         """The set point, measured from the long-run activity at the end of the warm-up
         (``"self"``), filled in from the float, or the layer mean."""
