@@ -26,13 +26,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-#: name -> SSR keyword arguments on top of the library defaults.
+_ANCHOR = {"protection": "anchor", "anchor_rate": 0.1}
+#: name -> SSR keyword arguments on top of the library defaults: the last round of the choice of
+#: the defaults (``a0.1`` won; see the README), each part switched against it.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "fixed-strength": {"min_plasticity": 0.0},
-    "plasticity-0.3": {"min_plasticity": 0.3},
-    "plasticity-0.5": {"min_plasticity": 0.5},
-    "plasticity-0.7": {"min_plasticity": 0.7},
+    "update": {"protection": "update"},
+    "a0.05": {**_ANCHOR, "anchor_rate": 0.05},
+    "a0.1": _ANCHOR,
+    "a0.1-p0.5": {**_ANCHOR, "min_plasticity": 0.5},
+    "a0.1-c30": {**_ANCHOR, "consolidation": 30.0},
+    "a0.1-r0.1": {**_ANCHOR, "recycle_below": 0.1},
+    "a0.1-noscale": {**_ANCHOR, "scaling_rate": 0.0},
 }
 
 

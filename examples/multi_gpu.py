@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb", action="store_true", help="log the stream to Weights & Biases as one run")
     parser.add_argument("--wandb-project", default="lightning-ssr")
     parser.add_argument("--save-dir", default="runs", help="where W&B writes (SAVE_DIR/wandb)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the same stream without SSR (run by default, to print the two side by side)")
     return parser
 
 
@@ -140,12 +142,22 @@ def main(argv: Union[list[str], None] = None) -> None:
     )
     if logger is not None:
         logger.finalize_stream(result)  # the table and heatmap are logged; this finishes the run
+    baseline = None
+    if not args.no_baseline:  # the same stream, model initialization and settings, without SSR
+        torch.manual_seed(args.seed)
+        plain = ClassifierModule(make_model(bench, args.hidden, args.norm), lr=args.lr, task_labels=bench.multi_head)
+        baseline = fit_stream(plain, bench, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                              method="naive", trainer_kwargs=trainer_kwargs)
     if rank_zero_only.rank == 0:  # set by the strategy: the global rank, on every node
         print(
             f"\nSplit digits, {args.scenario}-incremental, {args.devices} device(s) x {args.num_nodes} node(s) "
             f"({args.accelerator}, {args.strategy}):\n{result.format()}\n"
             f"train time {sum(result.train_time_s):.1f} s, wall time {result.wall_time_s:.1f} s"
         )
+        if baseline is not None:
+            print(f"average accuracy: with SSR {100 * result.average_accuracy:.1f} %, without SSR "
+                  f"{100 * baseline.average_accuracy:.1f} % (plasticity {100 * result.plasticity:.1f} vs "
+                  f"{100 * baseline.plasticity:.1f} %)")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class SSRConfig:
             anchoring, one copy of the gated weights). Default: ``"anchor"``, chosen on validation
             splits (``benchmarks/choose_defaults.py``, see the README): it never fell more than
             0.4 points below plain training on eight digits and Fashion-MNIST streams, where
-            ``"update"`` fell up to 6.6 points below.
+            ``"update"`` fell up to 6.5 points below.
         anchor_rate: with ``protection="anchor"``, the fraction of its distance to the anchor a
             fully protected synapse loses per optimizer step, in ``(0, 1]``. Default: ``0.1``.
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
