@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/callback_overhead.py                 # MLP 2x400 and the small CNN, CPU
     python benchmarks/callback_overhead.py --accelerator gpu --steps 400
+    python benchmarks/callback_overhead.py --protection update   # the earlier default
 """
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ def _fit(net: nn.Module, loader: DataLoader, steps: int, callbacks: list, accele
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def measure(name: str, make, steps: int, repeats: int, batch: int, accelerator: str) -> dict[str, float]:
+def measure(name: str, make, steps: int, repeats: int, batch: int, accelerator: str,
+            protection: str | None = None) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(steps * batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (steps * batch,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch)
     ssr = dict(scaling_rate=0.01, norm_rate=0.01, set_point="self", warmup_steps=5, log_diagnostics=False)
+    if protection is not None:
+        ssr["protection"] = protection
     base_net = make()
     # a callback that has consolidated one task: protection is active from the first step
     task2 = SynapticScaling(consolidation=1.0, **ssr)
@@ -93,6 +97,8 @@ def measure(name: str, make, steps: int, repeats: int, batch: int, accelerator: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per timed fit")
+    parser.add_argument("--protection", default=None, choices=["anchor", "update", "gradient"],
+                        help="SSR's protection (default: the library's)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median taken)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--accelerator", default="cpu")
@@ -101,10 +107,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.cuda.get_device_name() if args.accelerator in ("gpu", "cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"callback overhead: {args.steps} steps x {args.repeats} interleaved repeats, batch {args.batch_size}, {device}")
+    print(f"callback overhead: {args.steps} steps x {args.repeats} interleaved repeats, batch {args.batch_size}, "
+          f"{device}, protection {args.protection or 'default'}")
     print(f"{'model':<10} {'clock':<5} {'fit without (s)':>16} {'task 1 ratio':>13} {'task 2 ratio':>13}")
     for name, make in (("MLP 2x400", mlp), ("small CNN", cnn)):
-        r = measure(name, make, args.steps, args.repeats, args.batch_size, args.accelerator)
+        r = measure(name, make, args.steps, args.repeats, args.batch_size, args.accelerator, args.protection)
         for clock in ("wall", "cpu"):
             print(f"{name:<10} {clock:<5} {r[clock + ' seconds']:>16.3f} {r[clock + ' task 1']:>13.3f} "
                   f"{r[clock + ' task 2']:>13.3f}")
