@@ -101,3 +101,14 @@ def test_state_bytes_counts_what_a_plugin_keeps_beyond_the_model() -> None:
             self.live = model.weight  # the model's own: not counted
 
     assert state_bytes(Holder(), model) == 100 * 4
+
+
+def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() -> None:
+    from lightning_ssr.bench.methods import METHODS
+
+    names = [m.name for m in resolve_methods("ablations", "domain")]
+    assert {"ssr", "ssr-update", "ssr-capacity", "ssr-recycle", "ssr-no-scaling"} <= set(names)
+    assert "ssr-replay" not in names and "ssr-plugin" not in names
+    assert METHODS["ssr-update"].base == {"protection": "update"}
+    assert METHODS["ssr-capacity"].base == {"min_plasticity": 0.5}
+    assert [g["mem_size"] for g in METHODS["ssr-replay"].grid] == [g["mem_size"] for g in METHODS["replay"].grid]
