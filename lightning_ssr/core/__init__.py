@@ -3,7 +3,9 @@
 One module per part of the mechanism: :mod:`~lightning_ssr.core.sensing` (activity),
 :mod:`~lightning_ssr.core.homeostasis` (set points and scaling),
 :mod:`~lightning_ssr.core.consolidation` (importance), :mod:`~lightning_ssr.core.protection`
-(gates on updates), :mod:`~lightning_ssr.core.topology` (who consumes whose neurons);
+(gates on updates), :mod:`~lightning_ssr.core.topology` (who consumes whose neurons),
+:mod:`~lightning_ssr.core.capacity` (each layer's strength), :mod:`~lightning_ssr.core.anchoring`
+(the pull toward past weights), :mod:`~lightning_ssr.core.recycling` (fresh unused neurons);
 :class:`SSREngine` composes them, and :mod:`~lightning_ssr.core.rules` holds the maths.
 """
 
