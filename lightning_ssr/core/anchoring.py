@@ -55,7 +55,8 @@ class Anchoring:
     def __init__(self, rate: float) -> None:
         self.rate = float(rate)
         self._anchors: dict[int, Tensor] = {}
-        self._weights: dict[int, Tensor] = {}
+        #: Per parameter: the gate the pull weights were derived from, and ``rate * (1 - gate)``.
+        self._weights: dict[int, tuple[Tensor, Tensor]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -77,16 +78,13 @@ class Anchoring:
                 anchor = self._anchors.get(id(p))
                 if anchor is None:
                     continue
-                w = self._weights.get(id(p))
-                if w is None or w.device != p.device:
-                    w = self._weights[id(p)] = (self.rate * (1.0 - gate)).to(device=p.device, dtype=p.dtype)
+                cached = self._weights.get(id(p))
+                if cached is None or cached[0] is not gate:  # new gates (a rebuilt cache): derive again
+                    cached = self._weights[id(p)] = (gate, self.rate * (1.0 - gate))
+                w = cached[1]
                 if anchor.device != p.device:
                     anchor = self._anchors[id(p)] = anchor.to(p.device)
                 p.view(shape).lerp_(anchor.view(shape), w)
-
-    def gates_changed(self) -> None:
-        """The gates were rebuilt: recompute the pull weights on the next step."""
-        self._weights = {}
 
     def nbytes(self) -> int:
         """Bytes held by the anchors (one copy of the gated weights)."""

@@ -158,11 +158,9 @@ class SSREngine:
 
     def _build_gates(self) -> None:
         self.protection.build(self.layers, self.outputs, self._consolidated, self.protecting)
-        self.anchoring.gates_changed()
 
     def _refresh_gates(self) -> None:
         self.protection.refresh(self.layers, self.outputs, self._consolidated, self.protecting)
-        self.anchoring.gates_changed()
 
     # -------------------------------------------------------------- the steps
     def before_step(self) -> None:
@@ -191,8 +189,7 @@ class SSREngine:
         """
         self._resolve_consumers()
         self.protection.after_step()
-        if self.protecting:
-            self.anchoring.pull(self.protection.cache)
+        self.anchoring.pull(self.protection.cache)  # the cache is empty while nothing is protected
         self.step += 1
         self.task_step += 1
         self._window += 1
