@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -21,6 +20,11 @@ from lightning_ssr.core.validation import check_bool, check_layer_types, check_p
 from lightning_ssr.norm import _SSRNorm, homeostatic_step
 
 __all__ = ["SynapticScaling"]
+
+
+def _warn_on_rank_zero(message: str) -> None:
+    """A skipped update, reported by rank 0 only (every replica skips the same update)."""
+    rank_zero_warn(message, category=NonFiniteActivityWarning)
 
 
 class SynapticScaling(Callback):
@@ -143,12 +147,16 @@ class SynapticScaling(Callback):
             )
         self._trainer = trainer
         if self.engine is None or self.engine.model is not pl_module:
+            previous = self.engine
             self.engine = SSREngine(
                 pl_module, self.config, layer_types=self.layer_types, include=self.include,
                 exclude=self.exclude, track_output=self.track_output,
             )
             rank_zero_info(f"SynapticScaling tracks {len(self.engine.layers)} layers: {list(self.engine.layers)}")
+            if previous is not None and self._pending_state is None and previous.step > 0:
+                self._carry_over(previous)
         self.engine.reduce_fn = self._reduce if trainer.world_size > 1 else None
+        self.engine.warn = _warn_on_rank_zero
         if self._pending_state is not None:
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -157,6 +165,19 @@ class SynapticScaling(Callback):
             self._driven = {m: m.auto_update for m in pl_module.modules() if isinstance(m, _SSRNorm)}
             for m in self._driven:
                 m.auto_update = False
+
+    def _carry_over(self, previous: SSREngine) -> None:
+        """A new LightningModule (e.g. a new wrapper around the same network) continues the state
+        the callback holds: importance, set points and anchors move over by layer name."""
+        try:
+            self.engine.load_state_dict(previous.state_dict())
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise ValueError(
+                f"SynapticScaling holds the SSR state of {previous.tasks} consolidated task(s) of another "
+                f"LightningModule (layers {list(previous.layers)}), which cannot carry over to this one "
+                f"(layers {list(self.engine.layers)}): {err}. Use a new SynapticScaling for a new model, "
+                "or the same LightningModule for every task"
+            ) from err
 
     def _reduce(self, tensor: Tensor) -> Tensor:
         if self._trainer is None:
@@ -187,12 +208,7 @@ class SynapticScaling(Callback):
         """Runs only when ``optimizer.step()`` really ran (not on AMP-skipped or accumulating batches)."""
         if self.engine is None:
             return
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", NonFiniteActivityWarning)
-            updated = self.engine.after_step()
-        for w in caught:
-            rank_zero_warn(str(w.message), category=NonFiniteActivityWarning)
-        self._updated_since_log |= updated
+        self._updated_since_log |= self.engine.after_step()
         if self._driven:
             homeostatic_step(self.engine.model)  # every SSRNorm layer, one collective for all
 

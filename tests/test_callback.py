@@ -133,6 +133,21 @@ def test_each_fit_consolidates_a_task_and_protection_slows_important_neurons() -
     assert moved_protected < 0.5 * moved_free, (moved_protected, moved_free)
 
 
+def test_a_new_lightning_module_around_the_same_network_keeps_the_ssr_state() -> None:
+    torch.manual_seed(1)
+    net = tiny_mlp()
+    cb = SynapticScaling(consolidation=5.0)
+    _trainer([cb]).fit(Classifier(net), _loader(seed=1))
+    importance = cb.engine.layers["net.0"].importance.clone()
+    anchors = cb.engine.anchoring.state_dict(cb.engine._param_names())
+    assert cb.engine.tasks == 1 and anchors
+    _trainer([cb], max_steps=1).fit(Classifier(net), _loader(seed=2))  # a new wrapper for task 2
+    assert cb.engine.tasks == 2, "the first task's state was dropped with its LightningModule"
+    assert_close(cb.engine.layers["net.0"].importance >= importance, torch.ones_like(importance, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"cannot carry over.*Use a new SynapticScaling"):
+        _trainer([cb]).fit(Classifier(nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))), _loader())
+
+
 def test_public_consolidate_and_error_before_fit() -> None:
     cb = SynapticScaling()
     with pytest.raises(RuntimeError, match=r"consolidate\(\) needs a model"):
@@ -187,7 +202,8 @@ def test_non_finite_activity_never_reaches_weights() -> None:
 
     model = Exploding(tiny_mlp(), lr=0.01)
     cb = SynapticScaling(scaling_rate=1.0, set_point=0.1, warmup_steps=0, update_every=1)
-    with pytest.warns(NonFiniteActivityWarning, match="skipped update 2"):
+    with pytest.warns(NonFiniteActivityWarning,
+                      match=r"optimizer step 2: the activity of layer\(s\) \['net.0', 'net.2'\].*gradient_clip_val"):
         _trainer([cb]).fit(model, _loader(n=48))
     assert cb.engine.skipped == 1
     for p in model.parameters():
