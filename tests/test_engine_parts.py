@@ -73,6 +73,27 @@ def test_sensor_keeps_live_activity_only_when_asked() -> None:
     assert st.live is None
 
 
+@pytest.mark.parametrize(("sense_every", "update_every", "sensed"), [(5, 10, [0, 5, 10, 15]), (1, 4, list(range(17))),
+                                                                   (10, 4, [0, 4, 8, 12, 16])])
+def test_engine_senses_one_step_in_sense_every_from_each_task_start(sense_every, update_every, sensed) -> None:
+    from lightning_ssr.core import SSREngine
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    engine = SSREngine(net, SSRConfig(sense_every=sense_every, update_every=update_every, scaling_rate=0.0))
+    engine.attach()
+    seen = []
+    for step in range(17):
+        before = engine.layers["0"].acc_count
+        net(torch.randn(2, 4))
+        if engine.layers["0"].acc_count > before:
+            seen.append(step)
+        engine.before_step()
+        engine.after_step()
+    assert seen == sensed
+    engine.consolidate()
+    assert engine.sensor.sensing  # a new task starts with a sensed step
+
+
 # -------------------------------------------------------------------------------- homeostasis
 def test_homeostasis_waits_for_warmup_then_measures_self_set_points() -> None:
     net = _mlp()

@@ -20,7 +20,7 @@ The Lightning callback and the Avalanche plugin drive one :class:`SSREngine` thr
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,10 @@ _STATE_VERSION = 1
 
 class NonFiniteActivityWarning(RuntimeWarning):
     """An update was skipped because a tracked layer's activity was NaN or infinite."""
+
+
+def _warn_non_finite(message: str) -> None:
+    warnings.warn(message, NonFiniteActivityWarning, stacklevel=4)
 
 
 class SSREngine:
@@ -113,6 +117,9 @@ class SSREngine:
         self.tasks = 0
         self.skipped = 0
         self._window = 0  # optimizer steps sensed since the last update
+        self._sense_period = min(cfg.sense_every, cfg.update_every)  # at least once per update
+        #: Reports a skipped update (non-finite activity); front ends may route it to their own logging.
+        self.warn: Callable[[str], None] = _warn_non_finite
         penalty_mode = cfg.protection == "penalty" and cfg.consolidation > 0
         self.sensor = ActivitySensor(self.layers, self.outputs, self.phi,
                                      keep_live=(lambda: self.tasks > 0) if penalty_mode else None)
@@ -193,6 +200,7 @@ class SSREngine:
         self.step += 1
         self.task_step += 1
         self._window += 1
+        self.sensor.sensing = self.task_step % self._sense_period == 0
         if self.step % self.config.update_every:
             return False
         return self._update()
@@ -206,11 +214,12 @@ class SSREngine:
         active, means = flushed
         if not bool(torch.isfinite(means).all()):
             self.skipped += 1
-            warnings.warn(
-                f"SSR skipped update {self.step}: non-finite activity in a tracked layer "
-                f"({self.skipped} skipped so far); no weight was changed",
-                NonFiniteActivityWarning,
-                stacklevel=3,
+            bad = [st.name for st, m in split_means(active, means) if not bool(torch.isfinite(m).all())]
+            self.warn(
+                f"SSR skipped its update at optimizer step {self.step}: the activity of layer(s) {bad} is NaN "
+                f"or infinite ({self.skipped} update(s) skipped so far); no weight was changed. The model's "
+                "outputs there are not finite: lower the learning rate, clip gradients (e.g. "
+                "Trainer(gradient_clip_val=1.0)), or check the inputs and the loss for NaN"
             )
             return False
         warm = self.task_step > cfg.warmup_steps
@@ -267,6 +276,7 @@ class SSREngine:
                 self.homeostasis.new_task(st)
         self.tasks += 1
         self.task_step = 0
+        self.sensor.sensing = True
         self.recycling.recycle(self.layers.values(), self.tasks)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
@@ -326,6 +336,7 @@ class SSREngine:
         self.step, self.task_step = int(state["step"]), int(state["task_step"])
         self.tasks, self.skipped = int(state["tasks"]), int(state["skipped"])
         self._window = int(state["window"])
+        self.sensor.sensing = self.task_step % self._sense_period == 0
         for name, st in self.layers.items():
             st.load_state_dict(state["layers"][name])
         for name, st in self.outputs.items():

@@ -14,6 +14,7 @@ from torch import Tensor
 __all__ = [
     "activity_function",
     "neuron_activity",
+    "winner_counts",
     "ema_update",
     "scaling_factor",
     "norm_factor",
@@ -58,6 +59,22 @@ def neuron_activity(output: Tensor, phi: Callable[[Tensor], Tensor], channel_dim
         return a.reshape(-1, a.shape[-1]).mean(0)
     dims = [d for d in range(a.dim()) if d != channel_dim]
     return a.mean(dim=dims)
+
+
+def winner_counts(output: Tensor, channel_dim: int) -> Tensor:
+    """How often each unit along ``channel_dim`` wins the argmax, per position, in float32.
+
+    The mean of :func:`~lightning_ssr.core.sensing.winner_take_all`, without its one-hot tensor.
+
+    Example:
+        >>> winner_counts(torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]]), -1)
+        tensor([0.5000, 0.5000, 0.0000])
+    """
+    z = output.detach()
+    cdim = channel_dim % z.dim()
+    n = z.shape[cdim]
+    wins = z.argmax(cdim).flatten()
+    return torch.bincount(wins, minlength=n).float().div_(max(wins.numel(), 1))
 
 
 def ema_update(average: Tensor, value: Tensor, steps_seen: int, tau: float) -> Tensor:

@@ -68,6 +68,8 @@ class ActivitySensor:
         self.phi = phi
         self.keep_live = keep_live
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        #: Whether the hooks sense the forwards of this step (the engine senses every ``sense_every`` steps).
+        self.sensing = True
 
     @property
     def attached(self) -> bool:
@@ -92,17 +94,21 @@ class ActivitySensor:
 
     def _make_hook(self, st: LayerState, output_layer: bool = False) -> Callable[..., None]:
         cdim = st.cdim
-        phi = (lambda z: winner_take_all(z, cdim)) if output_layer else self.phi
+        phi = self.phi
         keep_live = None if output_layer else self.keep_live
 
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
             if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Tensor):
                 return
+            live = keep_live is not None and keep_live()
+            if not (self.sensing or live):
+                return
             if output.device != st.device:
                 st.to(output.device)
-            st.acc.add_(rules.neuron_activity(output, phi, cdim))
-            st.acc_count += 1
-            if keep_live is not None and keep_live():
+            if self.sensing:
+                st.acc.add_(rules.winner_counts(output, cdim) if output_layer else rules.neuron_activity(output, phi, cdim))
+                st.acc_count += 1
+            if live:  # the penalty needs this step's differentiable activity, sensed or not
                 a = phi(output.float().clone())  # an in-place activation may overwrite ``output`` next
                 dims = [d for d in range(a.dim()) if d != (cdim % a.dim())]
                 st.live = a.mean(dim=dims)
