@@ -1,4 +1,8 @@
-"""The ``lightning-ssr`` command line."""
+"""The ``lightning-ssr`` command line.
+
+Arguments are parsed and checked before torch, Lightning or Avalanche is imported, so ``--help``
+and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,27 @@ from typing import Optional
 __all__ = ["main", "build_parser"]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default appended once, unless its help already states it (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lightning-ssr``."""
+    """The argument parser of ``lightning-ssr`` (imports nothing heavy).
+
+    Example:
+        >>> build_parser().parse_args(["bench", "--seeds", "1"]).seeds
+        1
+    """
     from lightning_ssr.bench.methods import DEFAULT_METHODS, METHODS
+    from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 
     parser = argparse.ArgumentParser(prog="lightning-ssr", description="Synaptic Scaling Regularization tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,29 +47,37 @@ def build_parser() -> argparse.ArgumentParser:
             "write results.json, results.csv and PNG plots. With no option it runs Split digits (embedded, "
             "no download) in the task, domain and class scenarios."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    b.add_argument("--dataset", default="digits", choices=["digits", "fmnist", "mnist"],
-                   help="digits: scikit-learn's 8x8 digits (embedded); fmnist/mnist: IDX files in --data-dir")
+    b.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits: scikit-learn's 8x8 digits (embedded); fmnist / mnist: the four IDX files in --data-dir")
     b.add_argument("--data-dir", default=None,
-                   help="directory of the four IDX files (default for fmnist: /usr/share/datasets/fashion-mnist)")
-    b.add_argument("--scenario", default="task,domain,class", help="comma-separated: task, domain, class")
-    b.add_argument("--protocol", default="split", choices=["split", "permuted"])
-    b.add_argument("--tasks", type=int, default=None, help="number of tasks (split: 5; permuted: 10 or 20)")
+                   help="directory of the four IDX files (default for fmnist: /usr/share/datasets/fashion-mnist, "
+                        "as the Debian package dataset-fashion-mnist installs it)")
+    b.add_argument("--scenario", default=",".join(SCENARIOS),
+                   help=f"comma-separated scenarios from {list(SCENARIOS)}: task (a head per task), domain (one "
+                        "shared head, no task label) or class (one head over every class seen)")
+    b.add_argument("--protocol", default="split", choices=PROTOCOLS,
+                   help="how the data becomes tasks: split (disjoint pairs of classes per task) or permuted (all "
+                        "classes, a fixed random pixel permutation per task)")
+    b.add_argument("--tasks", type=int, default=None, help="number of tasks (default: 5 for split, 10 for permuted)")
     b.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated from {list(METHODS)}, or 'all', or 'ablations'")
-    b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+                   help=f"comma-separated from {list(METHODS)}, or 'all', or 'ablations' (SSR with each part off)")
+    b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1); tables show mean ± std")
     b.add_argument("--epochs", type=int, default=5, help="epochs per task")
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    b.add_argument("--hidden", type=int, default=None, help="units per hidden layer (default 400 split, 1000 permuted)")
+    b.add_argument("--batch-size", type=int, default=32, help="mini-batch size of every method")
+    b.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of every method")
+    b.add_argument("--hidden", type=int, default=None,
+                   help="units per hidden layer of the 2-layer MLP (default: 400 for split, 1000 for permuted)")
     b.add_argument("--train-subset", type=int, default=None, help="training samples per task (default: all)")
     b.add_argument("--test-subset", type=int, default=None, help="test samples per task (default: all)")
     b.add_argument("--search-budget", type=int, default=3,
-                   help="hyperparameter candidates tried per method on a validation split (1: defaults only)")
+                   help="hyperparameter candidates tried per method on a validation split held out from the "
+                        "training data (1: each method's defaults only)")
     b.add_argument("--out", default="bench_results", help="output directory")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no progress report (a bar on a terminal, plain lines otherwise)")
     b.add_argument("--wandb", action="store_true",
                    help="log every stream to Weights & Biases, one run per (scenario, method, seed), under OUT/wandb "
                         "(set WANDB_MODE=offline to keep the runs on disk; upload them later with wandb sync)")
@@ -57,12 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lightning-ssr`` console script."""
+    from lightning_ssr.bench.options import BenchOptions
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lightning_ssr.bench import BenchOptions, run_bench
-    from lightning_ssr.data.idx import DatasetNotFoundError
-
-    try:
+    try:  # every option is checked here, before anything heavy is imported
         opts = BenchOptions(
             dataset=args.dataset, protocol=args.protocol, scenarios=args.scenario, n_tasks=args.tasks,
             methods=args.methods, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -70,6 +99,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             search_budget=args.search_budget, out=args.out, plots=not args.no_plots, progress=not args.no_progress,
             wandb=args.wandb, wandb_project=args.wandb_project,
         )
+    except (ValueError, TypeError) as err:
+        parser.error(f"bench: {err}")
+    from lightning_ssr.bench.command import run_bench
+    from lightning_ssr.data.idx import DatasetNotFoundError
+
+    try:
         run_bench(opts)  # with --wandb: one W&B run per stream (lightning_ssr.loggers.wandb_logger_factory)
     except (ValueError, TypeError, ImportError, DatasetNotFoundError) as err:
         parser.error(f"bench: {err}")

@@ -81,6 +81,51 @@ def test_console_script_help() -> None:
     assert out.returncode == 0 and "--search-budget" in out.stdout and "digits" in out.stdout
 
 
+_HEAVY = ("torch", "lightning", "avalanche", "numpy")
+_PROBE = """
+import sys
+from lightning_ssr.cli import main
+try:
+    main({argv!r})
+except SystemExit as exit:
+    print("exit", exit.code)
+print("heavy", sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["bench", "--help"], ["bench", "--methods", "nope"], ["bench", "--seeds", "0"],
+                                  ["bench", "--scenario", "online"]], ids=["help", "method", "seeds", "scenario"])
+def test_help_and_argument_errors_answer_before_anything_heavy_is_imported(argv) -> None:
+    code = _PROBE.format(argv=argv, heavy=_HEAVY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "heavy []" in out.stdout, out.stdout + out.stderr
+    assert ("exit 0" if "--help" in argv else "exit 2") in out.stdout
+
+
+def test_help_explains_every_option_and_states_each_default_once() -> None:
+    from lightning_ssr.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    for action in bench._actions:
+        if action.dest == "help":
+            continue
+        rendered = bench._get_formatter()._get_help_string(action) % {"default": action.default}
+        assert action.help and len(action.help) > 10, action.dest
+        assert rendered.lower().count("default") <= 1, rendered
+        assert "(default: None)" not in rendered
+
+
+def test_progress_on_a_non_terminal_is_plain_lines(tmp_path: Path, capsys) -> None:
+    opts = BenchOptions(scenarios=("domain",), methods="ssr", seeds=1, epochs=1, train_subset=40, test_subset=20,
+                        hidden=16, search_budget=1, out=str(tmp_path), plots=False, progress=True)
+    run_bench(opts, echo=lambda s: None)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("lightning-ssr bench:")]
+    assert 1 <= len(lines) <= 10
+    assert "(100%)" in lines[-1]
+
+
 def test_resolve_methods_adds_the_baselines_of_each_runner() -> None:
     assert [m.name for m in resolve_methods("ssr", "class")] == ["naive-lightning", "ssr"]
     assert [m.name for m in resolve_methods("pnn,ewc", "task")] == ["naive", "ewc", "pnn"]

@@ -15,70 +15,17 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_ssr.bench.methods import DEFAULT_METHODS, METHODS, Method, resolve_methods
+from lightning_ssr.bench.methods import METHODS, Method, resolve_methods
+from lightning_ssr.bench.options import BenchOptions
 from lightning_ssr.bench.report import format_table, plot_results, summarize, write_results
 from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
 from lightning_ssr.continual import StreamResult
-from lightning_ssr.data import DATASETS, PROTOCOLS, SCENARIOS, ContinualBenchmark, make_benchmark
+from lightning_ssr.data import ContinualBenchmark, make_benchmark
 
 __all__ = ["BenchOptions", "run_bench"]
 
 #: A factory of one logger per (scenario, method, seed) stream, or ``None`` for none.
 LoggerFactory = Callable[[str, Method, int, dict[str, Any]], Any]
-
-
-@dataclass
-class BenchOptions:
-    """Everything ``lightning-ssr bench`` takes; see ``lightning-ssr bench --help``."""
-
-    dataset: str = "digits"
-    protocol: str = "split"
-    scenarios: tuple[str, ...] = SCENARIOS
-    n_tasks: Optional[int] = None
-    methods: str = ",".join(DEFAULT_METHODS)
-    seeds: int = 3
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    hidden: Optional[int] = None
-    data_dir: Optional[str] = None
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
-    search_budget: int = 3
-    val_fraction: float = 0.2
-    out: str = "bench_results"
-    plots: bool = True
-    progress: bool = True
-    wandb: bool = False
-    wandb_project: str = "lightning-ssr"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name, value, allowed in (("dataset", self.dataset, DATASETS), ("protocol", self.protocol, PROTOCOLS)):
-            if value not in allowed:
-                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
-        if isinstance(self.scenarios, str):
-            self.scenarios = tuple(s.strip() for s in self.scenarios.split(",") if s.strip())
-        for s in self.scenarios:
-            if s not in SCENARIOS:
-                raise ValueError(f"`scenario` must be one or more of {list(SCENARIOS)}, got {s!r}")
-        if not self.scenarios:
-            raise ValueError(f"`scenario` must be one or more of {list(SCENARIOS)}, got none")
-        for name, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("search_budget", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"`lr` must be a positive number, got {self.lr!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}")
-        for s in self.scenarios:
-            resolve_methods(self.methods, s)  # unknown methods and impossible scenarios fail here
-
-    @property
-    def hidden_units(self) -> int:
-        """van de Ven & Tolias: 400 units for Split, 1000 for Permuted."""
-        return self.hidden if self.hidden is not None else (400 if self.protocol == "split" else 1000)
 
 
 def _quiet() -> None:
@@ -90,9 +37,35 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class _PlainProgress:
+    """Progress for a log file or pipe: a plain line at each tenth of the work, no carriage returns."""
+
+    def __init__(self, total: int, stream: Any) -> None:
+        self.total, self.done, self.stream, self.postfix, self._printed = max(total, 1), 0, stream, "", 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        tenth = min(10, self.done * 10 // self.total)
+        if tenth > self._printed:
+            self._printed = tenth
+            print(f"lightning-ssr bench: {self.done}/{self.total} tasks trained ({10 * tenth}%) {self.postfix}",
+                  file=self.stream, flush=True)
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def clear(self) -> None:
+        pass
+
+    refresh = close = clear
+
+
 def _progress(total: int, enabled: bool) -> Any:
+    """A tqdm bar on a terminal, plain lines on anything else (a log file, CI), nothing when disabled."""
     from tqdm.auto import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return _PlainProgress(total, sys.stderr)
     return tqdm(total=total, disable=not enabled, unit="task", desc="lightning-ssr bench", file=sys.stderr,
                 dynamic_ncols=True)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_ssr.data import SCENARIOS
+from lightning_ssr.data.names import SCENARIOS
 
 __all__ = ["METHODS", "SSR_DEFAULTS", "Method", "method_names", "resolve_methods"]
 

@@ -30,16 +30,12 @@ from torch.utils.data import Dataset
 from lightning_ssr.core.validation import check_choice, check_int
 from lightning_ssr.data.digits import load_digits
 from lightning_ssr.data.idx import PathLike, load_idx_dataset
+from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 from lightning_ssr.data.tensors import TensorSplit
 
 __all__ = ["DATASETS", "PROTOCOLS", "SCENARIOS", "ContinualBenchmark", "load_dataset", "make_benchmark"]
 
-#: Datasets :func:`make_benchmark` knows.
-DATASETS: tuple[str, ...] = ("digits", "fmnist", "mnist")
-#: How the data is divided into tasks.
-PROTOCOLS: tuple[str, ...] = ("split", "permuted")
-#: What the model is told and must tell apart (van de Ven & Tolias 2019).
-SCENARIOS: tuple[str, ...] = ("task", "domain", "class")
+
 
 _MAX_PERMUTED_TASKS = 100
 

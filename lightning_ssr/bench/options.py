@@ -1,0 +1,66 @@
+"""The options of ``lightning-ssr bench``, checked without importing torch (the command line
+validates its arguments before it loads anything heavy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lightning_ssr.bench.methods import DEFAULT_METHODS, resolve_methods
+from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
+
+__all__ = ["BenchOptions"]
+
+
+@dataclass
+class BenchOptions:
+    """Everything ``lightning-ssr bench`` takes; see ``lightning-ssr bench --help``."""
+
+    dataset: str = "digits"
+    protocol: str = "split"
+    scenarios: tuple[str, ...] = SCENARIOS
+    n_tasks: Optional[int] = None
+    methods: str = ",".join(DEFAULT_METHODS)
+    seeds: int = 3
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    hidden: Optional[int] = None
+    data_dir: Optional[str] = None
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    search_budget: int = 3
+    val_fraction: float = 0.2
+    out: str = "bench_results"
+    plots: bool = True
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "lightning-ssr"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("dataset", self.dataset, DATASETS), ("protocol", self.protocol, PROTOCOLS)):
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
+        if isinstance(self.scenarios, str):
+            self.scenarios = tuple(s.strip() for s in self.scenarios.split(",") if s.strip())
+        for s in self.scenarios:
+            if s not in SCENARIOS:
+                raise ValueError(f"`scenario` must be one or more of {list(SCENARIOS)}, got {s!r}")
+        if not self.scenarios:
+            raise ValueError(f"`scenario` must be one or more of {list(SCENARIOS)}, got none")
+        for name, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("search_budget", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"`lr` must be a positive number, got {self.lr!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}")
+        for s in self.scenarios:
+            resolve_methods(self.methods, s)  # unknown methods and impossible scenarios fail here
+
+    @property
+    def hidden_units(self) -> int:
+        """van de Ven & Tolias: 400 units for Split, 1000 for Permuted."""
+        return self.hidden if self.hidden is not None else (400 if self.protocol == "split" else 1000)
