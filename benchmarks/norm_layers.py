@@ -23,6 +23,7 @@ Example::
     python benchmarks/norm_layers.py --models cnn --norms batch ssr ssr-nogain ssr-noproj --seeds 3
     python benchmarks/norm_layers.py --dataset digits --quick
     python benchmarks/norm_layers.py --ssr momentum=0.03 gain_rate=0.0
+    python benchmarks/norm_layers.py --timing-only --norms batch ssr --batch-sizes 1 2 8 64
 """
 
 from __future__ import annotations
@@ -229,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-rounds", type=int, default=15)
     p.add_argument("--timing-shape", nargs=3, type=int, default=[64, 14, 14], metavar=("C", "H", "W"))
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--timing-only", action="store_true",
+                   help="only the per-layer timing (no data, no training), e.g. --batch-sizes 1 2 8 64")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny subsets, 1 epoch")
     p.add_argument("--ssr", nargs="*", default=[], metavar="KEY=VALUE",
                    help="SSRNorm keyword arguments, e.g. momentum=0.02 gain_rate=0.005")
@@ -256,15 +259,40 @@ def _parse_ssr(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def layer_timing(args: argparse.Namespace, ssr_kwargs: dict[str, Any], results: dict[str, Any]) -> None:
+    """Forward+backward time of each layer at each batch size, as ratios to BatchNorm2d, into ``results``."""
+    kinds = ["batch"] + [k for k in args.norms if k != "batch"]
+    c, h, w = args.timing_shape
+    ratios: dict[int, dict[str, float]] = {}
+    for batch in args.batch_sizes:
+        reps = max(1, int(2e5 // (batch * c * h * w)) + 1)
+        med = time_layers(kinds, batch, c, h, args.timing_rounds, reps, ssr_kwargs)
+        ratios[batch] = {k: med[k] / med["batch"] for k in kinds}
+        results.setdefault("timing_us", {})[batch] = {k: 1e6 * v for k, v in med.items()}
+    tl = ["| layer | " + " | ".join(f"batch {b} ({b}x{c}x{h}x{w})" for b in args.batch_sizes) + " |",
+          "|" + "---|" * (1 + len(args.batch_sizes))]
+    for k in kinds:
+        tl.append(f"| {NORM_NAMES[k]} | " + " | ".join(
+            f"{ratios[b][k]:.2f} ({results['timing_us'][b][k]:.0f} us)" for b in args.batch_sizes) + " |")
+    print("\nForward+backward time in training mode, ratio to BatchNorm2d (median us per call):\n"
+          + "\n".join(tl))
+    results["timing_table"] = "\n".join(tl)
+    results["timing_ratio"] = ratios
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     ssr_kwargs = _parse_ssr(args.ssr)
+    if args.timing_only:
+        results: dict[str, Any] = {"args": vars(args), "ssr_kwargs": ssr_kwargs}
+        layer_timing(args, ssr_kwargs, results)
+        return _write_json(args, results)
     data = load_fashion_mnist(args.data_dir) if args.dataset == "fashion-mnist" else load_digits_28()
     xtr, ytr, xte, yte = data
     xte, yte = subset(xte, yte, args.test_size, args.seed + 1)
     mean, std = xtr.mean(), xtr.std()
-    results: dict[str, Any] = {"args": vars(args), "ssr_kwargs": ssr_kwargs, "runs": []}
+    results = {"args": vars(args), "ssr_kwargs": ssr_kwargs, "runs": []}
     print(f"# {args.dataset}: {len(ytr)} train / {len(yte)} test images available; "
           f"SSRNorm kwargs {ssr_kwargs or 'default'}; {args.threads} thread(s)", flush=True)
     seeds = [args.seed + i for i in range(args.seeds)]
@@ -321,23 +349,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["train_time_table"] = "\n".join(tt)
 
     if not args.no_timing:
-        kinds = ["batch"] + [k for k in args.norms if k != "batch"]
-        c, h, w = args.timing_shape
-        ratios: dict[int, dict[str, float]] = {}
-        for batch in args.batch_sizes:
-            reps = max(1, int(2e5 // (batch * c * h * w)) + 1)
-            med = time_layers(kinds, batch, c, h, args.timing_rounds, reps, ssr_kwargs)
-            ratios[batch] = {k: med[k] / med["batch"] for k in kinds}
-            results.setdefault("timing_us", {})[batch] = {k: 1e6 * v for k, v in med.items()}
-        tl = ["| layer | " + " | ".join(f"batch {b} ({b}x{c}x{h}x{w})" for b in args.batch_sizes) + " |",
-              "|" + "---|" * (1 + len(args.batch_sizes))]
-        for k in kinds:
-            tl.append(f"| {NORM_NAMES[k]} | " + " | ".join(
-                f"{ratios[b][k]:.2f} ({results['timing_us'][b][k]:.0f} us)" for b in args.batch_sizes) + " |")
-        print("\nForward+backward time in training mode, ratio to BatchNorm2d (median us per call):\n"
-              + "\n".join(tl))
-        results["timing_table"] = "\n".join(tl)
-        results["timing_ratio"] = ratios
+        layer_timing(args, ssr_kwargs, results)
+    return _write_json(args, results)
+
+
+def _write_json(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

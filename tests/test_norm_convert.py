@@ -93,6 +93,25 @@ def test_convert_torchvision_resnet18() -> None:
     assert out.eval()(x[:1]).shape == (1, 10)
 
 
+def test_converted_resnet18_gives_the_same_output_in_train_and_eval_at_batch_1() -> None:
+    """SSRNorm normalizes with its state, not the batch: one sample in training mode is normalized as
+    in eval mode (each layer updates its state only after its output), to 1e-5."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = convert_batchnorm(torchvision.models.resnet18(num_classes=10))
+    for _ in range(3):  # a state away from the warm start
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+    x = torch.randn(1, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    y_train = model.train()(x)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        y_eval = model.eval()(x)
+    assert_close(y_train.detach(), y_eval, rtol=1e-5, atol=1e-5)
+    model.train()(x)
+    assert int(model.bn1.num_batches_tracked) == int(state["bn1.num_batches_tracked"]) + 1  # training updates it
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_convert_back_to_batchnorm_computes_the_same_in_eval(affine: bool) -> None:
     net = nn.Sequential(nn.Linear(3, 4), SSRNorm1d(4, affine=affine), nn.Conv2d(1, 1, 1))

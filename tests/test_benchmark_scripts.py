@@ -1,0 +1,37 @@
+"""The timing scripts of ``benchmarks/`` run and print their ratios (tiny sizes: a smoke run, not a timing)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*argv: str) -> str:
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_callback_overhead_prints_pair_ratios_and_the_time_inside_ssr() -> None:
+    out = _run("benchmarks/callback_overhead.py", "--steps", "4", "--repeats", "1", "--models", "mlp")
+    rows = [line for line in out.splitlines() if line.startswith("MLP 2x400")]
+    assert [r.split()[2] for r in rows] == ["task", "task"]  # task 1 and task 2
+    for row in rows:
+        ratios = [float(x) for x in re.findall(r"\d+\.\d{3}", row)]
+        assert len(ratios) >= 7 and all(0 < r < 10 for r in ratios), row  # wall, cpu (with ranges), in-SSR
+        assert "met" in row
+
+
+def test_cli_startup_times_help_and_argument_errors() -> None:
+    out = _run("benchmarks/cli_startup.py", "--repeats", "1")
+    assert "bench --help" in out and "bench --methods nope" in out and "(scale) import torch" in out
+
+
+def test_norm_layer_timing_only() -> None:
+    out = _run("benchmarks/norm_layers.py", "--timing-only", "--norms", "batch", "ssr", "--batch-sizes", "1", "2",
+               "--timing-rounds", "2")
+    assert re.search(r"\| SSRNorm \| \d+\.\d\d \(\d+ us\) \| \d+\.\d\d \(\d+ us\) \|", out), out
