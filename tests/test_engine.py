@@ -450,3 +450,36 @@ def test_slow_timescale_long_run_activity_forgets_with_time_constant_tau() -> No
     alive = (target - before).abs() > 1e-3
     # after tau steps an exponential average has covered 1 - (1 - 1/tau)^tau ~ 64 % of the jump
     assert_close(reached[alive], torch.full_like(reached[alive], 1 - (1 - 1 / 20) ** 20), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("protection", ["anchor", "update", "gradient"])
+def test_channels_last_weights_train_as_contiguous_ones(protection: str) -> None:
+    """A ``channels_last`` model (non-contiguous 4-D weights) gets the same SSR as its contiguous twin."""
+
+    def run(channels_last: bool) -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(6 * 6 * 6, 4))
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+            assert not net[2].weight.is_contiguous()
+        engine = SSREngine(net, SSRConfig(update_every=1, sense_every=1, warmup_steps=0, norm_rate=0.05,
+                                          recycle_below=0.5, protection=protection))
+        engine.attach()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(1)
+        for task in range(2):
+            for _ in range(4):
+                x = torch.randn(4, 3, 10, 10, generator=gen)
+                if channels_last:
+                    x = x.to(memory_format=torch.channels_last)
+                opt.zero_grad()
+                net(x).pow(2).mean().backward()
+                engine.before_step()
+                opt.step()
+                engine.after_step()
+            engine.consolidate()
+        return net
+
+    for a, b in zip(run(True).parameters(), run(False).parameters()):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)

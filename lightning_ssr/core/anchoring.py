@@ -19,15 +19,17 @@ state), saved in the engine's ``state_dict``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_ssr.core.protection import as_view
+
 __all__ = ["Anchoring"]
 
-#: ``(parameter, view shape, combined gate)`` as :class:`~lightning_ssr.core.protection.Protection` caches it.
-CacheEntry = tuple[nn.Parameter, tuple[int, ...], Tensor]
+#: ``(parameter, view shape or None, combined gate)`` as :class:`~lightning_ssr.core.protection.Protection` caches it.
+CacheEntry = tuple[nn.Parameter, Optional[tuple[int, ...]], Tensor]
 
 
 class Anchoring:
@@ -84,7 +86,7 @@ class Anchoring:
                 w = cached[1]
                 if anchor.device != p.device:
                     anchor = self._anchors[id(p)] = anchor.to(p.device)
-                p.view(shape).lerp_(anchor.view(shape), w)
+                as_view(p, shape).lerp_(as_view(anchor, shape), w)
 
     def nbytes(self) -> int:
         """Bytes held by the anchors (one copy of the gated weights)."""

@@ -34,7 +34,7 @@ from lightning_ssr.core.homeostasis import Homeostasis
 from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES, find_layers, find_output_layers
 from lightning_ssr.core.protection import Protection
 from lightning_ssr.core.recycling import Recycling
-from lightning_ssr.core.sensing import ActivitySensor, ReduceFn, split_means
+from lightning_ssr.core.sensing import ActivitySensor, ReduceFn, check_sensed, split_means
 from lightning_ssr.core.state import LayerState
 from lightning_ssr.core.topology import ConsumerFinder
 
@@ -117,6 +117,7 @@ class SSREngine:
         self.tasks = 0
         self.skipped = 0
         self._window = 0  # optimizer steps sensed since the last update
+        self._checked = False
         self._sense_period = min(cfg.sense_every, cfg.update_every)  # at least once per update
         #: Reports a skipped update (non-finite activity); front ends may route it to their own logging.
         self.warn: Callable[[str], None] = _warn_non_finite
@@ -136,6 +137,7 @@ class SSREngine:
         """Register the sensing hooks (idempotent)."""
         if self.sensor.attached:
             return
+        self._checked = False  # the first sensed step of each attachment checks what was sensed
         self.sensor.attach()
         self._record_order()
 
@@ -177,6 +179,9 @@ class SSREngine:
         (``protection="gradient"``), or snapshots their weights (``protection="update"``).
         """
         self._resolve_consumers()
+        if not self._checked and self.sensor.sensing:
+            check_sensed(self.layers)  # refuses before the first step when nothing is sensed
+            self._checked = True
         self.consolidation.observe_gradients(self.layers.values())
         if not self.protecting:
             return

@@ -121,7 +121,7 @@ class Homeostasis:
                 st.has_norm_target = True
             factor = factor * rules.norm_factor(norms, st.norm_target, cfg.norm_rate, cfg.max_change, cfg.eps)
             factor.clamp_(1.0 - cfg.max_change, 1.0 + cfg.max_change)
-        w.view(st.n, -1).mul_(factor.to(w.dtype).unsqueeze(1))
+        w.mul_(factor.to(w.dtype).view(st.n, *([1] * (w.dim() - 1))))  # broadcast: any memory format
         bias = getattr(mod, "bias", None)
         if cfg.scale_bias and bias is not None:
             bias.mul_(factor.to(bias.dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -102,11 +103,25 @@ def find_layers(
         ['0', '2']
     """
     types = tuple(layer_types)
+    functional = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     candidates = {
         name: m for name, m in model.named_modules()
-        if name and isinstance(m, types)
+        if name and isinstance(m, types) and id(m) not in functional
         and not (isinstance(m, nn.modules.conv._ConvNd) and m.transposed)
     }
+    skipped = [name for name, m in model.named_modules() if id(m) in functional]
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        warnings.warn(
+            f"{len(norms)} BatchNorm layer(s) ({norms[:3]}{' ...' if len(norms) > 3 else ''}) re-normalize what "
+            "SSR's homeostatic scaling sets in the layers before them, with batch statistics that drift between "
+            "tasks: convert them with lightning_ssr.convert_batchnorm(model) (SSRNorm, a homeostatic drop-in), "
+            "or set scaling_rate=0 to keep only SSR's protection", stacklevel=3)
+    if skipped:
+        warnings.warn(
+            f"SSR leaves {skipped} untracked: nn.MultiheadAttention applies its out_proj through "
+            "torch.nn.functional, never through the module's forward, so no hook can sense it (the layers "
+            "that feed and read the attention are tracked as usual)", stacklevel=3)
     if not candidates:
         raise ValueError(
             f"No layer to track in {type(model).__name__}: `layer_types` "

@@ -20,7 +20,7 @@ from lightning_ssr.core.capacity import adaptive_strength
 from lightning_ssr.core.config import SSRConfig
 from lightning_ssr.core.state import LayerState
 
-__all__ = ["GateView", "Protection"]
+__all__ = ["GateView", "Protection", "as_view"]
 
 #: How one gate acts on a parameter: ``("rows" | "cols" | "hebb", producer, output layer)``.
 GateView = tuple[str, LayerState, Optional[LayerState]]
@@ -46,9 +46,9 @@ class Protection:
     def __init__(self, config: SSRConfig) -> None:
         self.config = config
         self._snapshots: dict[int, Tensor] = {}  # reused buffers: large fresh CPU allocations page-fault
-        self._snapped: list[tuple[nn.Parameter, tuple[int, ...], Tensor]] = []  # this step's cache entries
+        self._snapped: list[tuple[nn.Parameter, Optional[tuple[int, ...]], Tensor]] = []  # this step's entries
         #: Per gated parameter: its view shape and combined gate, rebuilt only when gates change.
-        self._cache: list[tuple[nn.Parameter, tuple[int, ...], Tensor]] = []
+        self._cache: list[tuple[nn.Parameter, Optional[tuple[int, ...]], Tensor]] = []
         self.gated: list[tuple[nn.Parameter, list[GateView]]] = []
 
     def refresh(self, layers: dict[str, LayerState], outputs: dict[str, LayerState],
@@ -99,14 +99,14 @@ class Protection:
                 shape, gate = self.gate_of(p, views)
                 self._cache.append((p, shape, gate.to(device=p.device, dtype=p.dtype)))
 
-    def gate_of(self, p: nn.Parameter, views: list[GateView]) -> tuple[tuple[int, ...], Tensor]:
-        """One view shape of ``p`` and one broadcastable gate combining all the gates on it."""
+    def gate_of(self, p: nn.Parameter, views: list[GateView]) -> tuple[Optional[tuple[int, ...]], Tensor]:
+        """One combined gate for ``p``, and the shape to view ``p`` as for it to broadcast (``None``:
+        the gate broadcasts over ``p`` itself, which then needs no view, so a non-contiguous weight
+        such as a ``channels_last`` convolution's works as is)."""
         if all(kind == "rows" for kind, _, _ in views):
             st = views[0][1]
-            shape = (st.n,) if p.dim() == 1 else (st.n, -1)
-            return shape, st.gate.view(st.n, *([1] * (len(shape) - 1)))
+            return None, st.gate.view(st.n, *([1] * (p.dim() - 1)))
         producer = next(st for kind, st, _ in views if kind != "rows")
-        shape = (p.shape[0], producer.n, -1)
         gate = torch.ones((p.shape[0], producer.n, 1), dtype=torch.float32, device=producer.gate.device)
         for kind, st, other in views:
             if kind == "rows":
@@ -116,11 +116,14 @@ class Protection:
             else:  # hebb: a synapse between an important output unit and an important neuron
                 post = other.importance.view(-1, 1, 1)
                 gate = gate / (1.0 + st.strength * post * st.importance.view(1, -1, 1))
-        return shape, gate
+        if p.dim() >= 2 and p.shape[1] == producer.n:  # one input channel per producer neuron
+            return None, gate.view(p.shape[0], producer.n, *([1] * (p.dim() - 2)))
+        return (p.shape[0], producer.n, -1), gate  # inputs are the producer's channels x positions
 
     @property
-    def cache(self) -> list[tuple[nn.Parameter, tuple[int, ...], Tensor]]:
-        """Per gated parameter: its view shape and combined gate (empty while not protecting)."""
+    def cache(self) -> list[tuple[nn.Parameter, Optional[tuple[int, ...]], Tensor]]:
+        """Per gated parameter: its view shape (``None``: none needed) and combined gate (empty while
+        not protecting)."""
         return self._cache
 
     def moved(self) -> bool:
@@ -133,7 +136,7 @@ class Protection:
             if self.config.protection == "gradient":
                 for p, shape, gate in self._cache:
                     if p.grad is not None:
-                        p.grad.view(shape).mul_(gate)
+                        as_view(p.grad, shape).mul_(gate)
             elif self.config.protection == "update":
                 self._snapped = []
                 for entry in self._cache:
@@ -153,7 +156,7 @@ class Protection:
         with torch.no_grad():
             for p, shape, gate in self._snapped:
                 old = self._snapshots[id(p)]
-                torch.lerp(old.view(shape), p.view(shape), gate, out=p.view(shape))
+                torch.lerp(as_view(old, shape), as_view(p, shape), gate, out=as_view(p, shape))
         self._snapped = []
 
     def release(self) -> None:
@@ -164,3 +167,13 @@ class Protection:
     def parameters(self) -> Iterable[nn.Parameter]:
         """The parameters whose gradients or updates are gated."""
         return (p for p, _ in self.gated)
+
+
+def as_view(t: Tensor, shape: Optional[tuple[int, ...]]) -> Tensor:
+    """``t`` viewed as ``shape`` for a gate to broadcast, or ``t`` itself when ``shape`` is ``None``.
+
+    Example:
+        >>> as_view(torch.zeros(2, 6), (2, 3, -1)).shape, as_view(torch.zeros(2, 6), None).shape
+        (torch.Size([2, 3, 2]), torch.Size([2, 6]))
+    """
+    return t if shape is None else t.view(shape)

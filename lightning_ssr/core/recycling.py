@@ -85,8 +85,9 @@ class Recycling:
                 self._reinit_incoming(st, idx, task)
                 if st.consumer is not None:
                     cons = st.consumer[0]
-                    cols = cons.weight.view(cons.weight.shape[0], st.n, -1)
-                    cols[:, idx.to(cols.device), :] = 0.0
+                    w = cons.weight
+                    cols = w if w.shape[1] == st.n else w.view(w.shape[0], st.n, -1)  # channels x positions
+                    cols[:, idx.to(cols.device)] = 0.0
         return total
 
     @staticmethod

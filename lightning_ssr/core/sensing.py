@@ -8,7 +8,8 @@ Output layers are sensed too, with "fires when it wins the argmax" as their acti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from lightning_ssr.core import rules
 from lightning_ssr.core.state import LayerState
 
-__all__ = ["ActivitySensor", "ReduceFn", "split_means", "winner_take_all"]
+__all__ = ["ActivitySensor", "ReduceFn", "check_sensed", "split_means", "winner_take_all"]
 
 #: Averages a float32 tensor across processes (identity on one process).
 ReduceFn = Callable[[Tensor], Tensor]
@@ -156,3 +157,33 @@ def split_means(active: Sequence[LayerState], means: Tensor) -> list[tuple[Layer
         out.append((st, means[offset:offset + st.n]))
         offset += st.n
     return out
+
+
+def check_sensed(layers: Mapping[str, LayerState]) -> None:
+    """The first sensed training step: refuse to go on when no tracked layer ran its forward (SSR would
+    silently do nothing), and warn about those that did not.
+
+    Raises:
+        RuntimeError: no tracked layer was sensed, before any weight is changed.
+
+    Example:
+        >>> st = LayerState("0", nn.Linear(2, 2))
+        >>> check_sensed({"0": st})
+        Traceback (most recent call last):
+        ...
+        RuntimeError: SSR sensed none of the tracked layers ['0'] in the first training step: ...
+    """
+    silent = [name for name, st in layers.items() if st.acc_count == 0]
+    if silent and len(silent) == len(layers):
+        raise RuntimeError(
+            f"SSR sensed none of the tracked layers {silent} in the first training step: their forward hooks "
+            "never ran, so SSR would do nothing. Causes: the layers are called through torch.nn.functional "
+            "or another module's forward, the model is compiled in a way that skips module hooks "
+            "(torch.compile(fullgraph=True)), or the training forward ran in eval mode or under no_grad. "
+            "Call the layers as modules, compile without fullgraph, or select other layers with `include`"
+        )
+    if silent:
+        warnings.warn(
+            f"SSR did not sense the tracked layers {silent} in the first training step (their forward did not "
+            "run): they are protected and scaled only from the steps in which they run. If they are never "
+            "called as modules, leave them out with `exclude`", stacklevel=4)

@@ -107,6 +107,10 @@ def check_patterns(name: str, patterns: Any, optional: bool = False) -> Optional
     Example:
         >>> check_patterns("include", "encoder.*")
         ('encoder.*',)
+        >>> check_patterns("include", [], optional=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: `include` is empty, so it would select no layer: give fnmatch patterns of layer names, or None ...
         >>> check_patterns("exclude", [3])
         Traceback (most recent call last):
         ...
@@ -119,4 +123,7 @@ def check_patterns(name: str, patterns: Any, optional: bool = False) -> Optional
     if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
         allowed = "an fnmatch pattern (str) or a sequence of them" + (" or None" if optional else "")
         raise TypeError(f"`{name}` must be {allowed}, got {patterns!r}")
+    if optional and not patterns:
+        raise ValueError(f"`{name}` is empty, so it would select no layer: give fnmatch patterns of layer names, "
+                         f"or None for the default (every Linear/Conv layer but the output layer)")
     return tuple(patterns)
