@@ -108,7 +108,7 @@ class SynapticScaling(Callback):
         self.config = SSRConfig.from_kwargs(config, **hparams)
         if self.config.protection == "penalty":
             raise ValueError(
-                "`protection` must be 'gradient' or 'update' in the SynapticScaling callback (a callback "
+                "`protection` must be 'anchor', 'update' or 'gradient' in the SynapticScaling callback (a callback "
                 "cannot change the loss), got 'penalty'; use the Avalanche SSRPlugin or "
                 "`SSREngine.penalty()` in your own training_step for the penalty form"
             )

@@ -148,6 +148,60 @@ def test_a_new_lightning_module_around_the_same_network_keeps_the_ssr_state() ->
         _trainer([cb]).fit(Classifier(nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))), _loader())
 
 
+class _FunctionalOnly(nn.Module):
+    """Its tracked Linear is applied through torch.nn.functional: no forward hook can ever fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(nn.functional.linear(x, self.hidden.weight, self.hidden.bias)))
+
+
+def test_a_model_whose_tracked_layers_never_run_is_refused_before_the_first_step() -> None:
+    net = _FunctionalOnly()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"sensed none of the tracked layers \['net.hidden'\].*Call the layers as modules"):
+        _trainer([SynapticScaling()]).fit(Classifier(net), _loader())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k  # refused before any optimizer step
+
+
+def test_attention_out_proj_and_batchnorm_are_named_in_warnings() -> None:
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.norm = nn.BatchNorm1d(16)
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.norm(self.inp(x))).unsqueeze(1)
+            return self.out(self.mha(h, h, h)[0].squeeze(1))
+
+    cb = SynapticScaling(update_every=1, warmup_steps=0)
+    with pytest.warns(UserWarning, match=r"leaves \['net.mha.out_proj'\] untracked: nn.MultiheadAttention") as rec:
+        _trainer([cb]).fit(Classifier(Attention()), _loader())
+    assert any("convert_batchnorm" in str(w.message) and "net.norm" in str(w.message) for w in rec)
+    assert list(cb.engine.layers) == ["net.inp"]
+    assert float(cb.engine.layers["net.inp"].activity.sum()) > 0
+
+
+def test_a_torch_compiled_network_is_sensed_and_protected() -> None:
+    torch.manual_seed(0)
+    net = torch.compile(tiny_mlp(), backend="eager")
+    cb = SynapticScaling(update_every=1, sense_every=1, warmup_steps=0)
+    model = Classifier(net)
+    _trainer([cb]).fit(model, _loader())
+    layer = cb.engine.layers["net._orig_mod.0"]
+    assert float(layer.activity.sum()) > 0 and float(layer.importance.sum()) > 0
+    _trainer([cb]).fit(model, _loader(seed=2))
+    assert cb.engine.tasks == 2 and cb.engine.anchoring.nbytes() > 0
+
+
 def test_public_consolidate_and_error_before_fit() -> None:
     cb = SynapticScaling()
     with pytest.raises(RuntimeError, match=r"consolidate\(\) needs a model"):
@@ -265,7 +319,8 @@ def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"protection": "penalty"}, ValueError, r"`protection` must be 'gradient' or 'update' in the SynapticScaling callback"),
+        ({"protection": "penalty"}, ValueError, r"`protection` must be 'anchor', 'update' or 'gradient' in the SynapticScaling callback"),
+        ({"include": []}, ValueError, r"`include` is empty, so it would select no layer"),
         ({"layer_types": [int]}, TypeError, r"`layer_types` must be a non-empty sequence of nn.Module subclasses"),
         ({"include": [3]}, TypeError, r"`include` must be an fnmatch pattern \(str\) or a sequence of them or None, got \[3\]"),
         ({"track_output": "yes"}, TypeError, r"`track_output` must be a bool, got 'yes'"),
