@@ -66,6 +66,10 @@ class SynapticScaling(Callback):
         log_diagnostics: log per-layer ``activity``, ``deviation`` (mean absolute distance to the
             set point) and scale factors under ``ssr/<layer>/...`` every ``log_every_n_steps``.
             Default: ``True``.
+        resume_continues_task: ``trainer.fit(ckpt_path=...)`` from a checkpoint saved after a fit
+            ended (``trainer.save_checkpoint``) continues that task, as plain Lightning continues the
+            run: the task is not consolidated twice. ``False`` resumes it as consolidated, so the
+            resumed fit is a new task. Default: ``True``.
         drive_norm_layers: drive every :class:`~lightning_ssr.SSRNorm2d` (and 1d/3d) of the model:
             during ``fit`` their ``auto_update`` is off and their homeostatic updates are applied
             once after each real optimizer step (with one collective for all of them), instead of
@@ -102,6 +106,7 @@ class SynapticScaling(Callback):
         consolidate_on_fit_end: bool = True,
         log_diagnostics: bool = True,
         drive_norm_layers: bool = False,
+        resume_continues_task: bool = True,
         **hparams: Any,
     ) -> None:
         super().__init__()
@@ -116,8 +121,12 @@ class SynapticScaling(Callback):
         self.include = check_patterns("include", include, optional=True)
         self.exclude = check_patterns("exclude", exclude) or ()
         for flag, value in (("track_output", track_output), ("consolidate_on_fit_end", consolidate_on_fit_end),
-                            ("log_diagnostics", log_diagnostics), ("drive_norm_layers", drive_norm_layers)):
+                            ("log_diagnostics", log_diagnostics), ("drive_norm_layers", drive_norm_layers),
+                            ("resume_continues_task", resume_continues_task)):
             check_bool(flag, value)
+        self.resume_continues_task = resume_continues_task
+        self._open_task: Optional[dict[str, Any]] = None  # the state before the last fit-end consolidation
+        self._lightning_resume = False
         self.track_output = track_output
         self.consolidate_on_fit_end = consolidate_on_fit_end
         self.log_diagnostics = log_diagnostics
@@ -186,6 +195,7 @@ class SynapticScaling(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._open_task = None  # training goes on: the consolidated state (or the resumed task) is current
         self._remove_step_hooks()
         for opt in trainer.optimizers:
             self._step_hooks.append(opt.register_step_post_hook(self._after_optimizer_step))
@@ -246,6 +256,7 @@ class SynapticScaling(Callback):
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.consolidate_on_fit_end and self.engine is not None and self.engine.task_step > 0:
+            self._open_task = self.engine.state_dict()  # a checkpoint saved now can still resume this task
             self.consolidate()
 
     @override
@@ -265,10 +276,27 @@ class SynapticScaling(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.engine is None:
             return dict(self._pending_state or {})
-        return self.engine.state_dict()
+        state = self.engine.state_dict()
+        if self._open_task is not None:  # saved after a fit ended: also the task as it was before consolidation
+            state["open_task"] = self._open_task
+        return state
+
+    @override
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        self._lightning_resume = True  # Lightning calls load_state_dict next, for trainer.fit(ckpt_path=...)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore SSR's state. ``trainer.fit(ckpt_path=...)`` from a checkpoint saved after a fit ended
+        resumes that task (``resume_continues_task=True``, the default), not a new one: the state from
+        before the fit-end consolidation is restored, and the resumed fit consolidates once when it
+        ends. With ``resume_continues_task=False`` (or when the state is loaded outside Lightning's
+        resume, as the stream runner does between tasks) the consolidated state is restored."""
+        state_dict = dict(state_dict)
+        open_task = state_dict.pop("open_task", None)
+        if open_task is not None and self._lightning_resume and self.resume_continues_task:
+            state_dict = dict(open_task)
+        self._lightning_resume = False
         if not state_dict:
             return
         if self.engine is None:

@@ -313,6 +313,36 @@ def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> 
                 assert state_b["layers"][name][key] == value
 
 
+def _finished_fit_resumed(tmp_path: Path, resume: bool, **kwargs: Any) -> tuple[dict, SynapticScaling]:
+    """One fit of 1 epoch saved with trainer.save_checkpoint, resumed to 3 epochs; or 3 epochs straight."""
+    L.seed_everything(3)
+    net = tiny_mlp()
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    cb = SynapticScaling(update_every=2, sense_every=1, warmup_steps=1, **kwargs)
+    if not resume:
+        _trainer([cb], max_epochs=3).fit(Classifier(net, lr=0.1), _loader(seed=5))
+        return net.state_dict(), cb
+    trainer = _trainer([cb], max_epochs=1)
+    trainer.fit(Classifier(net, lr=0.1), _loader(seed=5))
+    trainer.save_checkpoint(tmp_path / "after-fit.ckpt")
+    net2 = tiny_mlp()
+    net2.load_state_dict(init)  # a new process: a new model and a new callback
+    cb2 = SynapticScaling(update_every=2, sense_every=1, warmup_steps=1, **kwargs)
+    _trainer([cb2], max_epochs=3).fit(Classifier(net2, lr=0.1), _loader(seed=5), ckpt_path=str(tmp_path / "after-fit.ckpt"))
+    return net2.state_dict(), cb2
+
+
+def test_resuming_a_finished_fit_continues_its_task(tmp_path: Path) -> None:
+    straight, cb_a = _finished_fit_resumed(tmp_path, resume=False)
+    resumed, cb_b = _finished_fit_resumed(tmp_path, resume=True)
+    assert cb_a.engine.tasks == cb_b.engine.tasks == 1  # one task, consolidated once
+    for k in straight:
+        assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
+    # asked for: the resumed fit is a new task, protected by the first
+    _, cb_c = _finished_fit_resumed(tmp_path, resume=True, resume_continues_task=False)
+    assert cb_c.engine.tasks == 2
+
+
 # ----------------------------------------------------------------- errors
 
 
