@@ -483,3 +483,13 @@ def test_channels_last_weights_train_as_contiguous_ones(protection: str) -> None
 
     for a, b in zip(run(True).parameters(), run(False).parameters()):
         assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    cfg = SSRConfig(consolidation=5.0, anchor_rate=0.05, sense_every=3, set_point=0.2, protection="update")
+    data = cfg.to_dict()
+    assert isinstance(data, dict) and data["sense_every"] == 3
+    assert SSRConfig.from_kwargs(**data) == cfg
+    assert SSRConfig(**data) == cfg
+    with pytest.raises(TypeError, match="Unexpected keyword arguments: \\['speed'\\]"):
+        SSRConfig.from_kwargs(**data, speed=1)

@@ -1,0 +1,34 @@
+"""The scripts of ``examples/`` run as documented and print SSR beside the same run without it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*argv: str) -> str:
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_lightning_cli_example_builds_the_callback_from_the_yaml_config() -> None:
+    pytest.importorskip("jsonargparse")
+    out = _run("examples/lightning_cli.py", "--config", "examples/ssr_config.yaml",
+               "--trainer.max_epochs", "1", "--trainer.callbacks.init_args.config.anchor_rate", "0.05")
+    assert "consolidation=10.0" in out and "anchor_rate=0.05" in out  # the YAML, then the command line
+    found = re.search(r"average accuracy ([\d.]+) % with SSR, ([\d.]+) % without", out)
+    assert found, out
+    assert all(0 < float(v) <= 100 for v in found.groups())
+
+
+def test_split_digits_example_prints_both_methods() -> None:
+    out = _run("examples/split_digits_lightning.py", "--epochs", "1", "--hidden", "32")
+    assert "SynapticScaling: accuracy" in out
+    assert len(re.findall(r"average accuracy [\d.]+, forgetting", out)) == 2, out  # with and without SSR
