@@ -53,6 +53,7 @@ class Homeostasis:
         """After the long-run activity was updated: fix the set point, then (past the warm-up)
         rescale the layer's incoming weights; before it, the factor reads 1."""
         set_point = self.set_point(st, warm)
+        scale = scale and st.module.weight.requires_grad  # a frozen layer is sensed but never changed
         if scale and self.scales and warm:
             st.factor = self.scale(st, set_point)
         elif scale and self.scales:

@@ -110,6 +110,12 @@ def find_layers(
         and not (isinstance(m, nn.modules.conv._ConvNd) and m.transposed)
     }
     skipped = [name for name, m in model.named_modules() if id(m) in functional]
+    recurrent = [name for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    if recurrent:
+        warnings.warn(
+            f"SSR does not track the recurrent layers {recurrent} (an LSTM/GRU unit's state mixes its gates, "
+            "so there is no per-neuron weight row to scale); the Linear/Conv layers around them are tracked",
+            stacklevel=3)
     norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms:
         warnings.warn(
@@ -150,7 +156,22 @@ def find_layers(
             f"No layer left to track in {type(model).__name__} after `include`/`exclude` and "
             f"leaving out the output layer {sorted(outputs)}; pass `track_output=True` or `include`"
         )
-    return chosen
+    return _without_shared_weights(chosen)
+
+
+def _without_shared_weights(chosen: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Tied weights: a weight tensor is one set of neurons' incoming synapses, so only the first layer
+    holding it is tracked (scaling it once per layer would apply two factors to one synapse)."""
+    owner: dict[int, str] = {}
+    out: dict[str, nn.Module] = {}
+    for name, m in chosen.items():
+        first = owner.setdefault(id(m.weight), name)
+        if first == name:
+            out[name] = m
+        else:
+            warnings.warn(f"SSR leaves {name!r} untracked: it shares its weight with {first!r}, which it tracks "
+                          "(tied weights get one set of factors and gates)", stacklevel=4)
+    return out
 
 
 def find_output_layers(model: nn.Module, layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES) -> dict[str, nn.Module]:

@@ -77,13 +77,16 @@ class Recycling:
         total = 0
         with torch.no_grad():
             for st in layers:
+                if not st.module.weight.requires_grad:
+                    st.recycled = 0
+                    continue  # a frozen layer is never changed
                 idx = self.free(st)
                 st.recycled = int(idx.numel())
                 if not idx.numel():
                     continue
                 total += idx.numel()
                 self._reinit_incoming(st, idx, task)
-                if st.consumer is not None:
+                if st.consumer is not None and st.consumer[0].weight.requires_grad:
                     cons = st.consumer[0]
                     w = cons.weight
                     cols = w if w.shape[1] == st.n else w.view(w.shape[0], st.n, -1)  # channels x positions
