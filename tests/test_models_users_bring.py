@@ -165,3 +165,34 @@ def test_deepspeed_is_refused_at_setup() -> None:
     trainer._accelerator_connector.strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
     with pytest.raises(ValueError, match="supports single-device and DDP strategies .* got DeepSpeedStrategy"):
         SynapticScaling().setup(trainer, _Module(tiny_mlp()), "fit")
+
+
+def test_a_layer_replaced_between_tasks_is_named_in_the_error() -> None:
+    net = tiny_mlp()
+    cb = _two_tasks(net, torch.randn(32, 8))
+    net[2] = nn.Linear(16, 24)  # a wider second hidden layer, and an output layer to match
+    net[4] = nn.Linear(24, 3)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with pytest.raises(ValueError, match=r"tracks layer 'net.2', which was replaced by another module since \(Linear, 24"):
+        trainer.fit(cb.engine.model, DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+def test_a_state_for_another_width_is_refused_naming_the_layer() -> None:
+    from lightning_ssr import SSREngine
+
+    state = SSREngine(tiny_mlp(hidden=16)).state_dict()
+    with pytest.raises(ValueError, match=r"layer '0' holds 16 values of 'acc', but the layer has 32 neurons"):
+        SSREngine(tiny_mlp(hidden=32)).load_state_dict(state)
+
+
+def test_a_layer_whose_weight_was_resized_in_place_is_named() -> None:
+    net = tiny_mlp()
+    cb = _two_tasks(net, torch.randn(32, 8))
+    net[2].weight = nn.Parameter(torch.randn(24, 16))  # the same module, now 24 neurons wide
+    net[2].bias = nn.Parameter(torch.zeros(24))
+    net[4].weight = nn.Parameter(torch.randn(3, 24))
+    with pytest.raises(ValueError, match=r"recorded 16 neurons for layer 'net.2', which now has 24"):
+        cb.engine.detach()
+        cb.engine.attach()

@@ -138,7 +138,7 @@ class SSREngine:
         if self.sensor.attached:
             return
         self._checked = False  # the first sensed step of each attachment checks what was sensed
-        self.sensor.attach()
+        self.sensor.attach(self.model)
         self._record_order()
 
     def detach(self) -> None:

@@ -16,10 +16,8 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Con
 
 def num_neurons(layer: nn.Module) -> int:
     """Number of neurons of a Linear or Conv layer: its output features or channels."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
-        return layer.out_channels
+    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed):
+        return int(layer.weight.shape[0])  # the weight's rows: right even when the weight was replaced
     raise TypeError(
         f"lightning_ssr tracks Linear and Conv1d/2d/3d layers, got {type(layer).__name__}; "
         "choose other `layer_types`"

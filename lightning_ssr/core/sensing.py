@@ -76,10 +76,13 @@ class ActivitySensor:
     def attached(self) -> bool:
         return bool(self._hooks)
 
-    def attach(self) -> None:
-        """Register one forward hook per sensed layer (idempotent)."""
+    def attach(self, model: Optional[nn.Module] = None) -> None:
+        """Register one forward hook per sensed layer (idempotent); with ``model``, first check that
+        each layer is still the model's module of that name, with the width its state was made for."""
         if self._hooks:
             return
+        for st in self.layers.values():  # output layers may grow (Avalanche's incremental heads): not checked
+            st.check_width(model)  # a resized or replaced tracked layer fails here, naming itself
         for st in self.layers.values():
             self._hooks.append(st.module.register_forward_hook(self._make_hook(st)))
         for st in self.outputs.values():

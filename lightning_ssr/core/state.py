@@ -79,6 +79,21 @@ class LayerState:
         if self.gate is not None:
             self.gate = self.gate.to(device)
 
+    def check_width(self, model: Optional[nn.Module] = None) -> None:
+        """Raise if the layer's width changed since its state was made, or (given the ``model``) if the
+        model's module of that name was replaced by another."""
+        current = model.get_submodule(self.name) if model is not None and self.name else self.module
+        if current is not self.module:
+            raise ValueError(
+                f"SSR tracks layer {self.name!r}, which was replaced by another module since ({type(current).__name__}, "
+                f"{num_neurons(current) if hasattr(current, 'weight') else '?'} neurons): use a new SynapticScaling "
+                "(or SSREngine) for the changed model")
+        width = num_neurons(self.module)
+        if width != self.n:
+            raise ValueError(
+                f"SSR recorded {self.n} neurons for layer {self.name!r}, which now has {width}: a tracked layer's "
+                "width cannot change under SSR; use a new SynapticScaling (or SSREngine) for the resized model")
+
     def tensors(self) -> dict[str, Tensor]:
         """The per-neuron tensors by name (live references, not copies)."""
         return {f: getattr(self, f) for f in STATE_FIELDS}
@@ -89,7 +104,15 @@ class LayerState:
                 **{k: getattr(self, k) for k in _COUNTERS + _FLAGS}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` onto this layer's device, in float32."""
+        """Restore :meth:`state_dict` onto this layer's device, in float32.
+
+        Raises:
+            ValueError: the saved state is for a layer of another width (names the layer and both widths).
+        """
+        for f in STATE_FIELDS:
+            if tuple(state[f].shape) != (self.n,):
+                raise ValueError(f"SSR state for layer {self.name!r} holds {state[f].numel()} values of {f!r}, but "
+                                 f"the layer has {self.n} neurons: the state is from a model of another width")
         for f in STATE_FIELDS:
             setattr(self, f, state[f].detach().clone().to(device=self.device, dtype=torch.float32))
         for k in _COUNTERS:
