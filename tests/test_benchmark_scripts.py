@@ -35,3 +35,9 @@ def test_norm_layer_timing_only() -> None:
     out = _run("benchmarks/norm_layers.py", "--timing-only", "--norms", "batch", "ssr", "--batch-sizes", "1", "2",
                "--timing-rounds", "2")
     assert re.search(r"\| SSRNorm \| \d+\.\d\d \(\d+ us\) \| \d+\.\d\d \(\d+ us\) \|", out), out
+
+
+def test_choose_replay_rate_scores_replay_and_each_rate_on_validation() -> None:
+    out = _run("benchmarks/choose_replay_rate.py", "--seeds", "1", "--rates", "0.02", "--mem-size", "50")
+    assert "validation splits" in out
+    assert re.search(r"^replay\s+[\d.]+ ±", out, re.M) and re.search(r"^ssr-replay a=0.02\s+[\d.]+ ±", out, re.M), out

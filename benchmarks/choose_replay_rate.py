@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Choose SSR's anchor rate beside a replay buffer on validation splits, never on the test set.
+
+Each training experience is split 80/20 (``validation_benchmark``, as the bench's search does);
+Avalanche's ``ReplayPlugin`` alone and ``SSRPlugin`` + ``ReplayPlugin`` (the bench's ``ssr-replay``)
+with each candidate ``anchor_rate`` train on the 80 % and are scored on the 20 %, over 3 seeds,
+with the same buffer. The rate chosen this way is ``lightning_ssr.bench.methods.SSR_BESIDE_REPLAY``.
+
+Usage::
+
+    python benchmarks/choose_replay_rate.py                                  # digits, class-IL
+    python benchmarks/choose_replay_rate.py --scenario domain
+    python benchmarks/choose_replay_rate.py --dataset fmnist --rates 0.1 0.05 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from lightning_ssr.bench.command import _quiet
+from lightning_ssr.bench.methods import METHODS
+from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
+from lightning_ssr.data import make_benchmark
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", choices=["digits", "fmnist"])
+    parser.add_argument("--scenario", default="class", choices=["class", "domain"])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.05, 0.02, 0.01, 0.005],
+                        help="candidate anchor rates (0.1 is the library's default)")
+    parser.add_argument("--mem-size", type=int, default=200, help="replay buffer size, the same for every row")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+    _quiet()
+    bench = make_benchmark(args.dataset, "split", args.scenario, 5, seed=0)
+    val = validation_benchmark(bench, 0.2, seed=0)
+    s = (RunSettings(hidden=400, epochs=5, batch_size=32) if args.dataset == "digits"
+         else RunSettings(hidden=400, epochs=1, batch_size=128))
+    rows = {"replay": (METHODS["replay"], {"mem_size": args.mem_size})}
+    for rate in args.rates:
+        rows[f"ssr-replay a={rate}"] = (METHODS["ssr-replay"], {"mem_size": args.mem_size, "anchor_rate": rate})
+    print(f"{args.dataset} split, {args.scenario}-incremental, validation splits, buffer {args.mem_size}, "
+          f"{args.seeds} seeds: average accuracy % (plasticity %)")
+    for name, (method, hp) in rows.items():
+        start = time.perf_counter()
+        runs = [run_method(method, hp, val, s, seed) for seed in range(args.seeds)]
+        acc = [100 * r.average_accuracy for r in runs]
+        plast = [100 * r.plasticity for r in runs]
+        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        print(f"{name:<22} {statistics.fmean(acc):5.1f} ± {spread:4.1f}  ({statistics.fmean(plast):5.1f})  "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
