@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--search-budget", type=int, default=3,
                    help="hyperparameter candidates tried per method on a validation split held out from the "
                         "training data (1: each method's defaults only)")
+    b.add_argument("--workers", type=int, default=1,
+                   help="processes that run the methods side by side, one (scenario, method) job each; every run is "
+                        "seeded by its own seed, so the accuracy figures are the same as with 1, but the time column "
+                        "then includes contention between the processes (--wandb always runs in this process)")
     b.add_argument("--out", default="bench_results", help="output directory")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--no-progress", action="store_true",
@@ -97,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             methods=args.methods, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             hidden=args.hidden, data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset,
             search_budget=args.search_budget, out=args.out, plots=not args.no_plots, progress=not args.no_progress,
-            wandb=args.wandb, wandb_project=args.wandb_project,
+            wandb=args.wandb, wandb_project=args.wandb_project, workers=args.workers,
         )
     except (ValueError, TypeError) as err:
         parser.error(f"bench: {err}")

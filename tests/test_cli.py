@@ -66,6 +66,7 @@ def test_search_budget_chooses_on_validation_and_records_it(tmp_path: Path) -> N
         (["--methods", "pnn", "--scenario", "class"], "method 'pnn' cannot run in the 'class' scenario"),
         (["--scenario", "online"], "`scenario` must be one or more of"),
         (["--seeds", "0"], "`seeds` must be an int >= 1, got 0"),
+        (["--workers", "0"], "`workers` must be an int >= 1, got 0"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     ],
 )
@@ -157,3 +158,18 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
     assert METHODS["ssr-update"].base == {"protection": "update"}
     assert METHODS["ssr-capacity"].base == {"min_plasticity": 0.5}
     assert [g["mem_size"] for g in METHODS["ssr-replay"].grid] == [g["mem_size"] for g in METHODS["replay"].grid]
+
+
+def test_worker_processes_give_the_same_figures_as_one_process(tmp_path: Path) -> None:
+    def run(workers: int) -> dict:
+        opts = BenchOptions(scenarios=("domain", "task"), methods="ewc,ssr", seeds=2, epochs=1, train_subset=60,
+                            test_subset=40, hidden=32, search_budget=2, out=str(tmp_path / str(workers)),
+                            plots=False, progress=False, workers=workers)
+        printed: list[str] = []
+        report = run_bench(opts, echo=printed.append)
+        assert [line.split(":")[0] for line in printed if "incremental" in line] == [
+            "\ndigits split (5 tasks), domain-incremental", "\ndigits split (5 tasks), task-incremental"]
+        return {s: ({m: [r.accuracy for r in runs] for m, runs in report[s]["runs"].items()},
+                    report[s]["hyperparameters"]) for s in report}
+
+    assert run(2) == run(1)

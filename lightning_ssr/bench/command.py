@@ -19,8 +19,9 @@ from lightning_ssr.bench.methods import METHODS, Method, resolve_methods
 from lightning_ssr.bench.options import BenchOptions
 from lightning_ssr.bench.report import format_table, plot_results, summarize, write_results
 from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
+from lightning_ssr.bench.workers import benchmark_of, settings_of
 from lightning_ssr.continual import StreamResult
-from lightning_ssr.data import ContinualBenchmark, make_benchmark
+from lightning_ssr.data import ContinualBenchmark
 
 __all__ = ["BenchOptions", "run_bench"]
 
@@ -84,43 +85,11 @@ def _search(method: Method, opts: BenchOptions, val: Optional[ContinualBenchmark
     return best["hyperparameters"], tried
 
 
-def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark for every scenario of ``opts``; print tables, write results and plots.
-
-    With ``opts.wandb`` and no ``logger_factory``, every (scenario, method, seed) stream is one
-    Weights & Biases run in project ``opts.wandb_project``, written under ``opts.out/wandb``
-    (see :func:`lightning_ssr.loggers.wandb_logger_factory`; ``WANDB_MODE=offline`` keeps them on disk).
-
-    Returns:
-        Per scenario: ``{"rows": summary rows, "runs": {method: [StreamResult per seed]},
-        "search": ..., "files": {...}}``.
-    """
-    _quiet()
-    if logger_factory is None and opts.wandb:
-        from lightning_ssr.loggers import wandb_logger_factory
-
-        logger_factory = wandb_logger_factory(opts.wandb_project, opts.out)
-    settings = RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size)
-    plan = {s: resolve_methods(opts.methods, s) for s in opts.scenarios}
-    benches = {
-        s: make_benchmark(opts.dataset, opts.protocol, s, opts.n_tasks, seed=0, data_dir=opts.data_dir,
-                          train_subset=opts.train_subset, test_subset=opts.test_subset)
-        for s in opts.scenarios
-    }
-    n_tasks = next(iter(benches.values())).n_tasks
-    total = 0
-    for s, methods in plan.items():
-        for m in methods:
-            searched = len(m.candidates(opts.search_budget))
-            total += (opts.seeds + (searched if searched > 1 else 0)) * n_tasks
-    bar = _progress(total + 2 * n_tasks, opts.progress)
-    tick = lambda: bar.update(1)  # noqa: E731
-    out_root = Path(opts.out)
-    report: dict[str, Any] = {}
-    start = time.perf_counter()
-    # one untimed pass of each runner, so no method pays for first-call start-up costs
-    warm = benches[opts.scenarios[0]]
+def _run_here(opts: BenchOptions, plan: dict[str, list[Method]], benches: dict[str, ContinualBenchmark],
+              settings: RunSettings, bar: Any, tick: Callable[[], None], logger_factory: Optional[LoggerFactory],
+              finish: Callable[[str, dict, dict, dict], None]) -> None:
+    """In this process: per scenario every search, then the seeds with the methods interleaved."""
+    warm = benches[opts.scenarios[0]]  # one untimed pass of each runner: no method pays start-up costs
     for name in ("naive", "naive-lightning"):
         run_method(METHODS[name], {}, warm, settings, seed=0, tick=tick)
     for scenario, methods in plan.items():
@@ -142,6 +111,71 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
                 runs[m.name].append(run_method(m, chosen[m.name], bench, settings, seed, tick=tick, logger=logger))
                 if logger is not None and hasattr(logger, "finalize_stream"):
                     logger.finalize_stream(runs[m.name][-1])
+        finish(scenario, chosen, search, runs)
+
+
+def _run_in_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, n_tasks: int, bar: Any,
+                    finish: Callable[[str, dict, dict, dict], None]) -> None:
+    """In ``workers`` processes, one (scenario, method) job each; a scenario is reported once all its
+    methods are done, in the scenarios' order."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from lightning_ssr.bench.workers import init_worker, method_job
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    done: dict[tuple[str, str], tuple[dict, list, list[StreamResult]]] = {}
+    pending = list(plan)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+                             initargs=(opts, threads)) as pool:
+        jobs = {pool.submit(method_job, s, m.name): (s, m) for s, methods in plan.items() for m in methods}
+        for future in as_completed(jobs):
+            scenario, method = jobs[future]
+            done[(scenario, method.name)] = future.result()
+            searched = len(method.candidates(opts.search_budget))
+            bar.set_postfix_str(f"{scenario}: {method.name} done")
+            bar.update((opts.seeds + (searched if searched > 1 else 0)) * n_tasks)
+            while pending and all((pending[0], m.name) in done for m in plan[pending[0]]):
+                s = pending.pop(0)
+                finish(s, *[{m.name: done[(s, m.name)][i] for m in plan[s]} for i in range(3)])
+
+
+def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark for every scenario of ``opts``; print tables, write results and plots.
+
+    With ``opts.wandb`` and no ``logger_factory``, every (scenario, method, seed) stream is one
+    Weights & Biases run in project ``opts.wandb_project``, written under ``opts.out/wandb``
+    (see :func:`lightning_ssr.loggers.wandb_logger_factory`; ``WANDB_MODE=offline`` keeps them on disk).
+
+    Returns:
+        Per scenario: ``{"rows": summary rows, "runs": {method: [StreamResult per seed]},
+        "search": ..., "files": {...}}``.
+    """
+    _quiet()
+    if logger_factory is None and opts.wandb:
+        from lightning_ssr.loggers import wandb_logger_factory
+
+        logger_factory = wandb_logger_factory(opts.wandb_project, opts.out)
+    settings = settings_of(opts)
+    plan = {s: resolve_methods(opts.methods, s) for s in opts.scenarios}
+    benches = {s: benchmark_of(opts, s) for s in opts.scenarios}
+    n_tasks = next(iter(benches.values())).n_tasks
+    workers = opts.workers if logger_factory is None else 1  # loggers live in this process
+    total = 0
+    for s, methods in plan.items():
+        for m in methods:
+            searched = len(m.candidates(opts.search_budget))
+            total += (opts.seeds + (searched if searched > 1 else 0)) * n_tasks
+    bar = _progress(total + (2 * n_tasks if workers == 1 else 0), opts.progress)  # + the warm-up passes here
+    tick = lambda: bar.update(1)  # noqa: E731
+    out_root = Path(opts.out)
+    report: dict[str, Any] = {}
+    start = time.perf_counter()
+
+    def finish(scenario: str, chosen: dict, search: dict, runs: dict) -> None:
+        methods = plan[scenario]
         rows = summarize(runs, {m.name: m.baseline for m in methods})
         title = (f"{opts.dataset} {opts.protocol} ({n_tasks} tasks), {scenario}-incremental: MLP {settings.layers}x"
                  f"{settings.hidden}, Adam lr {settings.lr}, {settings.epochs} epochs/task, batch {settings.batch_size}, "
@@ -152,7 +186,7 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
             "scenario": scenario, "n_tasks": n_tasks, "settings": settings.to_dict(),
             "hyperparameters": chosen, "time_baselines": {m.name: m.baseline for m in methods},
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "workers": workers,
         }
         files = write_results(out_dir, meta, rows, runs, search)
         if opts.plots:
@@ -162,6 +196,11 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
         echo(f"results: {files['json']}  {files['csv']}" + (f"  plots: {out_dir}/*.png" if opts.plots else ""))
         bar.refresh()
         report[scenario] = {"rows": rows, "runs": runs, "search": search, "files": files, "hyperparameters": chosen}
+
+    if workers > 1:
+        _run_in_workers(opts, plan, workers, n_tasks, bar, finish)
+    else:
+        _run_here(opts, plan, benches, settings, bar, tick, logger_factory, finish)
     bar.close()
     echo(f"\nwall time {time.perf_counter() - start:.1f} s; time ratios compare each method with the naive run of "
          "its own runner (Avalanche or Lightning) in this run")

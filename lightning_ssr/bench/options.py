@@ -36,6 +36,7 @@ class BenchOptions:
     progress: bool = True
     wandb: bool = False
     wandb_project: str = "lightning-ssr"
+    workers: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,8 @@ class BenchOptions:
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"`lr` must be a positive number, got {self.lr!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"`workers` must be an int >= 1, got {self.workers!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}")
         for s in self.scenarios:
