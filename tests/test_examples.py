@@ -32,3 +32,17 @@ def test_split_digits_example_prints_both_methods() -> None:
     out = _run("examples/split_digits_lightning.py", "--epochs", "1", "--hidden", "32")
     assert "SynapticScaling: accuracy" in out
     assert len(re.findall(r"average accuracy [\d.]+, forgetting", out)) == 2, out  # with and without SSR
+
+
+def test_multi_gpu_example_runs_two_ddp_processes_and_prints_the_baseline(tmp_path: Path) -> None:
+    out = _run("examples/multi_gpu.py", "--epochs", "1", "--save-dir", str(tmp_path))
+    found = re.search(r"average accuracy: with SSR ([\d.]+) %, without SSR ([\d.]+) %", out)
+    assert found, out[-2000:]
+    assert all(0 < float(v) <= 100 for v in found.groups())
+
+
+def test_avalanche_strategies_example_compares_ssr_with_avalanches_plugins() -> None:
+    pytest.importorskip("avalanche")
+    out = _run("examples/avalanche_strategies.py", "--scenarios", "domain", "--seeds", "1", "--epochs", "1")
+    rows = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "%" not in line}
+    assert {"Naive", "EWC", "SI", "LwF", "Replay", "SSR"} <= rows, out
