@@ -9,17 +9,16 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from lightning_ssr.bench.methods import METHODS, Method, resolve_methods
+from lightning_ssr.bench.methods import Method, resolve_methods
 from lightning_ssr.bench.options import BenchOptions
 from lightning_ssr.bench.report import format_table, plot_results, summarize, write_results
 from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
-from lightning_ssr.bench.workers import benchmark_of, settings_of
+from lightning_ssr.bench.workers import benchmark_of, search_method, settings_of, warm_up
 from lightning_ssr.continual import StreamResult
 from lightning_ssr.data import ContinualBenchmark
 
@@ -71,27 +70,11 @@ def _progress(total: int, enabled: bool) -> Any:
                 dynamic_ncols=True)
 
 
-def _search(method: Method, opts: BenchOptions, val: Optional[ContinualBenchmark], s: RunSettings,
-            tick: Callable[[], None]) -> tuple[dict, list]:
-    """The method's chosen hyperparameters and every candidate tried (none is run when there is one)."""
-    candidates = method.candidates(opts.search_budget)
-    if len(candidates) == 1 or val is None:
-        return candidates[0], [{"hyperparameters": candidates[0], "val_accuracy": None}]
-    tried = []
-    for hp in candidates:
-        r = run_method(method, hp, val, s, seed=0, tick=tick)
-        tried.append({"hyperparameters": hp, "val_accuracy": r.average_accuracy})
-    best = max(tried, key=lambda t: t["val_accuracy"])
-    return best["hyperparameters"], tried
-
-
 def _run_here(opts: BenchOptions, plan: dict[str, list[Method]], benches: dict[str, ContinualBenchmark],
               settings: RunSettings, bar: Any, tick: Callable[[], None], logger_factory: Optional[LoggerFactory],
               finish: Callable[[str, dict, dict, dict], None]) -> None:
     """In this process: per scenario every search, then the seeds with the methods interleaved."""
-    warm = benches[opts.scenarios[0]]  # one untimed pass of each runner: no method pays start-up costs
-    for name in ("naive", "naive-lightning"):
-        run_method(METHODS[name], {}, warm, settings, seed=0, tick=tick)
+    warm_up(benches[opts.scenarios[0]], settings, tick)
     for scenario, methods in plan.items():
         bench = benches[scenario]
         searching = any(len(m.candidates(opts.search_budget)) > 1 for m in methods)
@@ -100,7 +83,7 @@ def _run_here(opts: BenchOptions, plan: dict[str, list[Method]], benches: dict[s
         chosen: dict[str, dict] = {}
         for m in methods:
             bar.set_postfix_str(f"{scenario}: search {m.name}")
-            chosen[m.name], search[m.name] = _search(m, opts, val, settings, tick)
+            chosen[m.name], search[m.name] = search_method(m, opts, val, settings, tick)
         runs: dict[str, list[StreamResult]] = {m.name: [] for m in methods}
         for seed in range(opts.seeds):
             for m in methods:

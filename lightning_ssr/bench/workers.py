@@ -1,4 +1,7 @@
-"""Worker processes of ``lightning-ssr bench --workers N``: one (scenario, method) job at a time.
+"""The units of work of ``lightning-ssr bench``, and its worker processes (``--workers N``).
+
+:func:`warm_up` and :func:`search_method` serve the run in one process and the workers alike; a
+worker runs one (scenario, method) job at a time (:func:`method_job`).
 
 Each worker builds the benchmarks from the options (the same seed, so the same data as every other
 process), makes one untimed pass of each runner, and then runs a method's hyperparameter search
@@ -8,17 +11,18 @@ which worker ran it or when.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 
-from lightning_ssr.bench.methods import METHODS
+from lightning_ssr.bench.methods import METHODS, Method
 from lightning_ssr.bench.options import BenchOptions
 from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
 from lightning_ssr.continual import StreamResult
 from lightning_ssr.data import ContinualBenchmark, make_benchmark
 
-__all__ = ["benchmark_of", "init_worker", "method_job", "settings_of"]
+__all__ = ["benchmark_of", "init_worker", "method_job", "search_method", "settings_of", "warm_up"]
 
 _STATE: dict[str, Any] = {}
 
@@ -34,6 +38,26 @@ def benchmark_of(opts: BenchOptions, scenario: str) -> ContinualBenchmark:
                           train_subset=opts.train_subset, test_subset=opts.test_subset)
 
 
+def warm_up(bench: ContinualBenchmark, settings: RunSettings, tick: Optional[Callable[[], None]] = None) -> None:
+    """One untimed pass of each runner, so that no method pays the first-call start-up costs."""
+    for name in ("naive", "naive-lightning"):
+        run_method(METHODS[name], {}, bench, settings, seed=0, tick=tick)
+
+
+def search_method(method: Method, opts: BenchOptions, val: Optional[ContinualBenchmark], s: RunSettings,
+                  tick: Optional[Callable[[], None]] = None) -> tuple[dict, list]:
+    """The method's chosen hyperparameters and every candidate tried (none is run when there is one)."""
+    candidates = method.candidates(opts.search_budget)
+    if len(candidates) == 1 or val is None:
+        return candidates[0], [{"hyperparameters": candidates[0], "val_accuracy": None}]
+    tried = []
+    for hp in candidates:
+        r = run_method(method, hp, val, s, seed=0, tick=tick)
+        tried.append({"hyperparameters": hp, "val_accuracy": r.average_accuracy})
+    best = max(tried, key=lambda t: t["val_accuracy"])
+    return best["hyperparameters"], tried
+
+
 def init_worker(opts: BenchOptions, threads: int) -> None:
     """Set a worker up: quiet logs, its share of the CPU threads, and one untimed pass of each runner."""
     from lightning_ssr.bench.command import _quiet
@@ -41,9 +65,7 @@ def init_worker(opts: BenchOptions, threads: int) -> None:
     _quiet()
     torch.set_num_threads(threads)
     _STATE.update(opts=opts, settings=settings_of(opts), benches={}, vals={})
-    warm = _bench(opts.scenarios[0])
-    for name in ("naive", "naive-lightning"):
-        run_method(METHODS[name], {}, warm, _STATE["settings"], seed=0)
+    warm_up(_bench(opts.scenarios[0]), _STATE["settings"])
 
 
 def _bench(scenario: str) -> ContinualBenchmark:
@@ -60,11 +82,9 @@ def _val(scenario: str) -> ContinualBenchmark:
 
 def method_job(scenario: str, name: str) -> tuple[dict, list, list[StreamResult]]:
     """One method in one scenario: its search on the validation split, then every seed on the test stream."""
-    from lightning_ssr.bench.command import _search
-
     opts: BenchOptions = _STATE["opts"]
     method = METHODS[name]
     val: Optional[ContinualBenchmark] = _val(scenario) if len(method.candidates(opts.search_budget)) > 1 else None
-    chosen, search = _search(method, opts, val, _STATE["settings"], lambda: None)
+    chosen, search = search_method(method, opts, val, _STATE["settings"])
     runs = [run_method(method, chosen, _bench(scenario), _STATE["settings"], seed) for seed in range(opts.seeds)]
     return chosen, search, runs
