@@ -123,7 +123,8 @@ class SSREngine:
         self.warn: Callable[[str], None] = _warn_non_finite
         penalty_mode = cfg.protection == "penalty" and cfg.consolidation > 0
         self.sensor = ActivitySensor(self.layers, self.outputs, self.phi,
-                                     keep_live=(lambda: self.tasks > 0) if penalty_mode else None)
+                                     keep_live=(lambda: self.tasks > 0) if penalty_mode else None,
+                                     sense=lambda: self.task_step % self._sense_period == 0)
         self.homeostasis = Homeostasis(cfg)
         self.consolidation = Consolidation(cfg)
         self.protection = Protection(cfg)
@@ -205,7 +206,6 @@ class SSREngine:
         self.step += 1
         self.task_step += 1
         self._window += 1
-        self.sensor.sensing = self.task_step % self._sense_period == 0
         if self.step % self.config.update_every:
             return False
         return self._update()
@@ -281,7 +281,6 @@ class SSREngine:
                 self.homeostasis.new_task(st)
         self.tasks += 1
         self.task_step = 0
-        self.sensor.sensing = True
         self.recycling.recycle(self.layers.values(), self.tasks)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
@@ -341,7 +340,6 @@ class SSREngine:
         self.step, self.task_step = int(state["step"]), int(state["task_step"])
         self.tasks, self.skipped = int(state["tasks"]), int(state["skipped"])
         self._window = int(state["window"])
-        self.sensor.sensing = self.task_step % self._sense_period == 0
         for name, st in self.layers.items():
             st.load_state_dict(state["layers"][name])
         for name, st in self.outputs.items():

@@ -62,9 +62,8 @@ def neuron_activity(output: Tensor, phi: Callable[[Tensor], Tensor], channel_dim
 
 
 def winner_counts(output: Tensor, channel_dim: int) -> Tensor:
-    """How often each unit along ``channel_dim`` wins the argmax, per position, in float32.
-
-    The mean of :func:`~lightning_ssr.core.sensing.winner_take_all`, without its one-hot tensor.
+    """How often each unit along ``channel_dim`` wins the argmax, per position, in float32: an
+    output unit "fires" when it wins (the mean of a one-hot of the argmax, without building it).
 
     Example:
         >>> winner_counts(torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]]), -1)

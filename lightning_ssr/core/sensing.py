@@ -18,20 +18,10 @@ from torch import Tensor, nn
 from lightning_ssr.core import rules
 from lightning_ssr.core.state import LayerState
 
-__all__ = ["ActivitySensor", "ReduceFn", "check_sensed", "split_means", "winner_take_all"]
+__all__ = ["ActivitySensor", "ReduceFn", "check_sensed", "split_means"]
 
 #: Averages a float32 tensor across processes (identity on one process).
 ReduceFn = Callable[[Tensor], Tensor]
-
-
-def winner_take_all(z: Tensor, cdim: int) -> Tensor:
-    """One-hot of the argmax along ``cdim``: an output unit "fires" when it wins.
-
-    Example:
-        >>> winner_take_all(torch.tensor([[0.1, 2.0, -1.0]]), -1)
-        tensor([[0., 1., 0.]])
-    """
-    return torch.zeros_like(z).scatter_(cdim, z.argmax(cdim, keepdim=True), 1.0)
 
 
 class ActivitySensor:
@@ -41,10 +31,12 @@ class ActivitySensor:
 
     Args:
         layers: the tracked layers' states (hooked with ``phi``).
-        outputs: the untracked output layers' states (hooked with :func:`winner_take_all`).
+        outputs: the untracked output layers' states (hooked with :func:`~lightning_ssr.core.rules.winner_counts`).
         phi: the firing-rate proxy.
         keep_live: keep each tracked layer's differentiable activity of the last forward (for a
             loss-side penalty) once ``keep_live()`` returns true.
+        sense: whether this step's forwards are sensed, asked at each forward (the engine senses
+            one optimizer step in ``sense_every``); ``None`` senses every forward.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -63,14 +55,19 @@ class ActivitySensor:
         outputs: dict[str, LayerState],
         phi: Callable[[Tensor], Tensor],
         keep_live: Optional[Callable[[], bool]] = None,
+        sense: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.layers = layers
         self.outputs = outputs
         self.phi = phi
         self.keep_live = keep_live
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        #: Whether the hooks sense the forwards of this step (the engine senses every ``sense_every`` steps).
-        self.sensing = True
+        self._sense = sense
+
+    @property
+    def sensing(self) -> bool:
+        """Whether the hooks sense the forwards of this step (``sense()``; always without one)."""
+        return self._sense is None or self._sense()
 
     @property
     def attached(self) -> bool:
@@ -105,11 +102,12 @@ class ActivitySensor:
             if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Tensor):
                 return
             live = keep_live is not None and keep_live()
-            if not (self.sensing or live):
+            sensing = self.sensing
+            if not (sensing or live):
                 return
             if output.device != st.device:
                 st.to(output.device)
-            if self.sensing:
+            if sensing:
                 st.acc.add_(rules.winner_counts(output, cdim) if output_layer else rules.neuron_activity(output, phi, cdim))
                 st.acc_count += 1
             if live:  # the penalty needs this step's differentiable activity, sensed or not
