@@ -69,6 +69,38 @@ def _output_layers(candidates: dict[str, nn.Module], model: nn.Module) -> set[st
     return {last}
 
 
+def _untrackable(model: nn.Module) -> set[int]:
+    """Warn, naming them, about the modules SSR cannot track or whose effect it cannot control, in one
+    pass over the model; return the ids of the Linear layers that must stay untracked (attention's
+    ``out_proj``, applied through ``torch.nn.functional``)."""
+    functional: dict[int, str] = {}
+    recurrent, norms = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            functional[id(m.out_proj)] = f"{name}.out_proj" if name else "out_proj"
+        elif isinstance(m, nn.RNNBase):
+            recurrent.append(name)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            norms.append(name)
+    if recurrent:
+        warnings.warn(
+            f"SSR does not track the recurrent layers {recurrent} (an LSTM/GRU unit's state mixes its gates, "
+            "so there is no per-neuron weight row to scale); the Linear/Conv layers around them are tracked",
+            stacklevel=4)
+    if norms:
+        warnings.warn(
+            f"{len(norms)} BatchNorm layer(s) ({norms[:3]}{' ...' if len(norms) > 3 else ''}) re-normalize what "
+            "SSR's homeostatic scaling sets in the layers before them, with batch statistics that drift between "
+            "tasks: convert them with lightning_ssr.convert_batchnorm(model) (SSRNorm, a homeostatic drop-in), "
+            "or set scaling_rate=0 to keep only SSR's protection", stacklevel=4)
+    if functional:
+        warnings.warn(
+            f"SSR leaves {list(functional.values())} untracked: nn.MultiheadAttention applies its out_proj through "
+            "torch.nn.functional, never through the module's forward, so no hook can sense it (the layers "
+            "that feed and read the attention are tracked as usual)", stacklevel=4)
+    return set(functional)
+
+
 def find_layers(
     model: nn.Module,
     layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
@@ -101,31 +133,12 @@ def find_layers(
         ['0', '2']
     """
     types = tuple(layer_types)
-    functional = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    functional = _untrackable(model)
     candidates = {
         name: m for name, m in model.named_modules()
         if name and isinstance(m, types) and id(m) not in functional
         and not (isinstance(m, nn.modules.conv._ConvNd) and m.transposed)
     }
-    skipped = [name for name, m in model.named_modules() if id(m) in functional]
-    recurrent = [name for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
-    if recurrent:
-        warnings.warn(
-            f"SSR does not track the recurrent layers {recurrent} (an LSTM/GRU unit's state mixes its gates, "
-            "so there is no per-neuron weight row to scale); the Linear/Conv layers around them are tracked",
-            stacklevel=3)
-    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms:
-        warnings.warn(
-            f"{len(norms)} BatchNorm layer(s) ({norms[:3]}{' ...' if len(norms) > 3 else ''}) re-normalize what "
-            "SSR's homeostatic scaling sets in the layers before them, with batch statistics that drift between "
-            "tasks: convert them with lightning_ssr.convert_batchnorm(model) (SSRNorm, a homeostatic drop-in), "
-            "or set scaling_rate=0 to keep only SSR's protection", stacklevel=3)
-    if skipped:
-        warnings.warn(
-            f"SSR leaves {skipped} untracked: nn.MultiheadAttention applies its out_proj through "
-            "torch.nn.functional, never through the module's forward, so no hook can sense it (the layers "
-            "that feed and read the attention are tracked as usual)", stacklevel=3)
     if not candidates:
         raise ValueError(
             f"No layer to track in {type(model).__name__}: `layer_types` "
