@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,16 @@ from torch import nn
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*argv: str) -> str:
+    """Run ``python *argv`` from the repository root, as a user would; its stdout (the output tails on failure)."""
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _run(*argv: str) -> str:
-    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+from conftest import run_script
 
 
 def test_callback_overhead_prints_pair_ratios_and_the_time_inside_ssr() -> None:
-    out = _run("benchmarks/callback_overhead.py", "--steps", "4", "--repeats", "1", "--models", "mlp")
+    out = run_script("benchmarks/callback_overhead.py", "--steps", "4", "--repeats", "1", "--models", "mlp")
     rows = [line for line in out.splitlines() if line.startswith("MLP 2x400")]
     assert [r.split()[2] for r in rows] == ["task", "task"]  # task 1 and task 2
     for row in rows:
@@ -27,17 +18,17 @@ def test_callback_overhead_prints_pair_ratios_and_the_time_inside_ssr() -> None:
 
 
 def test_cli_startup_times_help_and_argument_errors() -> None:
-    out = _run("benchmarks/cli_startup.py", "--repeats", "1")
+    out = run_script("benchmarks/cli_startup.py", "--repeats", "1")
     assert "bench --help" in out and "bench --methods nope" in out and "(scale) import torch" in out
 
 
 def test_norm_layer_timing_only() -> None:
-    out = _run("benchmarks/norm_layers.py", "--timing-only", "--norms", "batch", "ssr", "--batch-sizes", "1", "2",
-               "--timing-rounds", "2")
+    out = run_script("benchmarks/norm_layers.py", "--timing-only", "--norms", "batch", "ssr", "--batch-sizes", "1",
+                     "2", "--timing-rounds", "2")
     assert re.search(r"\| SSRNorm \| \d+\.\d\d \(\d+ us\) \| \d+\.\d\d \(\d+ us\) \|", out), out
 
 
 def test_choose_replay_rate_scores_replay_and_each_rate_on_validation() -> None:
-    out = _run("benchmarks/choose_replay_rate.py", "--seeds", "1", "--rates", "0.02", "--mem-size", "50")
+    out = run_script("benchmarks/choose_replay_rate.py", "--seeds", "1", "--rates", "0.02", "--mem-size", "50")
     assert "validation splits" in out
     assert re.search(r"^replay\s+[\d.]+ ±", out, re.M) and re.search(r"^ssr-replay a=0.02\s+[\d.]+ ±", out, re.M), out
