@@ -42,7 +42,7 @@ class SSRConfig:
             consecutive batches are samples of the same activity, so a subsample estimates it at a
             ``k``-th of the cost. ``1`` senses every step. Default:
             ``10``: on Split digits (``lightning-ssr bench --search-budget 1 --methods ssr``, 3 seeds)
-            task / domain / class accuracy 97.6 / 85.1 / 20.8 % against 97.7 / 85.1 / 20.8 % when
+            task / domain / class accuracy 97.7 / 84.9 / 20.9 % against 97.7 / 85.1 / 20.8 % when
             every step is sensed, with the callback's sensing cost cut about tenfold.
         set_point: each neuron's target activity: a float (the proposal's ``a_target``),
             ``"self"`` (the neuron's own long-run activity at the end of the warm-up) or
