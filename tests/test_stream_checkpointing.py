@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_ssr.continual import ClassifierModule, fit_stream
+from lightning_ssr.continual import ClassifierModule, fit_stream, stream_seed
 from lightning_ssr.continual.checkpointing import _CarryOptimizerState
 from lightning_ssr.continual.stream_logging import _LogStreamConfig
 
@@ -109,7 +109,7 @@ def test_training_matches_a_plain_torch_loop(optimizer_state: str, optimizer: st
         if optimizer_state == "reset":
             opt = make()
         loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True,
-                                             generator=torch.Generator().manual_seed(7 + i))
+                                             generator=torch.Generator().manual_seed(stream_seed(7, "data", i)))
         for _ in range(2):
             for x, y in loader:
                 opt.zero_grad()

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_ssr.bench.methods import Method
 from lightning_ssr.bench.models import make_model
-from lightning_ssr.continual import ClassifierModule, StreamResult, fit_stream
+from lightning_ssr.continual import ClassifierModule, StreamResult, fit_stream, seed_stream
 from lightning_ssr.data import ContinualBenchmark
 
 __all__ = ["RunSettings", "run_method", "validation_benchmark", "state_bytes"]
@@ -144,7 +144,7 @@ def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
     from avalanche.training import Naive, PNNStrategy
     from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 
-    torch.manual_seed(seed)
+    seed_stream(seed, "model")
     model = _model(bench, s, method)
     plugins = _plugin(method, hp)
 
@@ -166,10 +166,12 @@ def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
     eval_time: list[float] = []
     start = time.perf_counter()
     for i, exp in enumerate(bench.train_stream):
+        seed_stream(seed, "train", i)  # new heads, then the shuffling order, as fit_stream
         t0 = time.perf_counter()
         strategy.train(exp)
         train_time.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
+        seed_stream(seed, "eval", i)  # heads grown for the test stream's tasks, as fit_stream
         metrics = strategy.eval(bench.test_stream)
         eval_time.append(time.perf_counter() - t0)
         row = []
@@ -206,7 +208,7 @@ def run_lightning(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
 
     from lightning_ssr import SynapticScaling
 
-    torch.manual_seed(seed)
+    seed_stream(seed, "model")
     model = _model(bench, s, method)
     module = ClassifierModule(model, optimizer="adam", lr=s.lr)
     callbacks: list[pl.Callback] = []

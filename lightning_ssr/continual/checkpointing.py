@@ -8,7 +8,7 @@ Avalanche's dynamic modules grew) and refuses a checkpoint made with other setti
 run gives the same result as one that never stopped.
 
 :class:`_CarryOptimizerState` hands the optimizers' per-parameter state from one experience's
-Trainer to the next one's; :func:`_seed_all`, :func:`_rng_state` and :func:`_set_rng_state` seed,
+Trainer to the next one's; :func:`_rng_state` and :func:`_set_rng_state`
 save and restore the generators of torch, numpy and Python's ``random``.
 
 Example:
@@ -37,7 +37,7 @@ from typing_extensions import override
 
 from lightning_ssr.continual.streams import _adapt
 
-__all__ = ["_CarryOptimizerState", "_restore", "_rng_state", "_save", "_seed_all", "_set_rng_state", "_state_path"]
+__all__ = ["_CarryOptimizerState", "_restore", "_rng_state", "_save", "_set_rng_state", "_state_path"]
 
 _STATE_FILE = "stream.pt"
 _STATE_VERSION = 1
@@ -113,14 +113,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         numpy.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_all(seed: int) -> None:
-    """Seed torch (all devices), numpy and Python's ``random``, quietly."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(seed % 2**32)
 
 
 # -------------------------------------------------------------------------- stream checkpoints

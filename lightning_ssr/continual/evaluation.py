@@ -62,12 +62,13 @@ def _evaluate(module: pl.LightningModule, test_stream: Sequence[Any], trainer: p
         )
     was_training = module.training
     module.eval()
-    _adapt(module, test_stream)
     module.to(device)
     metric = ExperienceAccuracy(len(test_stream), sync_on_compute=False).to(device)
     context = trainer.precision_plugin.predict_step_context
     try:
         for j, exp in enumerate(test_stream):
+            _adapt(module, [exp])  # as Avalanche's eval: each experience's heads just before its loader
+            module.to(device)
             ds = _phase(_dataset_of(exp, f"test experience {j}"), "eval")
             loader = DataLoader(
                 ds, batch_size=eval_batch_size, sampler=_Shard(len(ds), rank, world),

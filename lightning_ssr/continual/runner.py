@@ -37,7 +37,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_ssr.continual.checkpointing import _CarryOptimizerState, _restore, _save, _seed_all
+from lightning_ssr.continual.checkpointing import _CarryOptimizerState, _restore, _save
+from lightning_ssr.continual.seeding import seed_stream, stream_seed
 from lightning_ssr.continual.evaluation import _evaluate, _log_row, _stream_result
 from lightning_ssr.continual.metrics import StreamResult, _jsonable
 from lightning_ssr.continual.settings import (
@@ -93,8 +94,12 @@ class StreamRunner:
         eval_batch_size: evaluation mini-batch size, ``>= 1``. Default: ``None``
             (``max(batch_size, 256)``).
         num_workers: DataLoader worker processes. Default: ``0``.
-        seed: seeds ``torch``, ``numpy`` and ``random`` with ``seed + i`` before experience ``i``
-            (shuffling, dropout, new heads), so runs repeat exactly; ``None`` leaves them alone.
+        seed: before experience ``i``, seeds ``torch``, ``numpy`` and ``random`` (new heads,
+            dropout), the shuffling generator and, before the evaluation after it, the global
+            generators again, from independent streams of
+            :func:`~lightning_ssr.continual.stream_seed` (``"train"``, ``"data"`` and ``"eval"``,
+            experience ``i``), so runs repeat exactly and no two (seed, experience) pairs share random
+            numbers; ``None`` leaves them alone.
             Default: ``0``.
         trainer_kwargs: further ``lightning.pytorch.Trainer`` arguments (``accelerator``,
             ``devices``, ``strategy``, ``precision``, ``max_steps``, ...), applied over the lean
@@ -193,7 +198,7 @@ class StreamRunner:
     def _train_loader(self, ds: Dataset, i: int, pin: bool) -> DataLoader:
         gen = None
         if self.cfg.seed is not None:
-            gen = torch.Generator().manual_seed(self.cfg.seed + i)
+            gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "data", i))
         return DataLoader(
             ds, batch_size=self.cfg.batch_size, shuffle=True, num_workers=self.cfg.num_workers,
             collate_fn=getattr(ds, "collate_fn", None), generator=gen, pin_memory=pin,
@@ -241,7 +246,7 @@ class StreamRunner:
         end = n_train if stop_after is None else stop_after
         for i in range(start, end):
             if self.cfg.seed is not None:
-                _seed_all(self.cfg.seed + i)
+                seed_stream(self.cfg.seed, "train", i)
             exp = self.train_stream[i]
             t0 = time.perf_counter()
             for wrapped in self._wrapped:
@@ -255,6 +260,8 @@ class StreamRunner:
                 trainer.fit(self.module, train_dataloaders=self._train_loader(ds, i, pin))
             self.trainer = trainer
             t1 = time.perf_counter()
+            if self.cfg.seed is not None:
+                seed_stream(self.cfg.seed, "eval", i)
             correct, total = self.evaluate(trainer)
             t2 = time.perf_counter()
             loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
