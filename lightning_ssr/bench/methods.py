@@ -100,6 +100,8 @@ METHODS: dict[str, Method] = {
         Method("replay", "avalanche", "Avalanche ReplayPlugin (a buffer of past samples)", "replay", {},
                _REPLAY_GRID, keeps_buffer=True),
         Method("pnn", "avalanche", "Avalanche PNNStrategy (a new column per task)", scenarios=("task",)),
+        Method("joint", "avalanche", "upper bound: Avalanche's Cumulative strategy, each task trained on the union of "
+               "every task so far, the last on all at once (van de Ven & Tolias 2019's offline)", keeps_buffer=True),
         _ssr("ssr", "SSR: the SynapticScaling Lightning callback"),
         _ssr("ssr-plugin", "SSR: the SSRPlugin inside Avalanche's Naive", runner="avalanche"),
         Method("ssr-replay", "avalanche", "SSRPlugin beside Avalanche's ReplayPlugin, the same buffer candidates as replay",

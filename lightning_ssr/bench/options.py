@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lightning_ssr.bench.methods import DEFAULT_METHODS, resolve_methods
+from lightning_ssr.bench.presets import PRESETS
 from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 
 __all__ = ["BenchOptions"]
@@ -37,7 +38,24 @@ class BenchOptions:
     wandb: bool = False
     wandb_project: str = "lightning-ssr"
     workers: int = 1
+    iterations: Optional[int] = None
+    pad: int = 0
+    download: bool = False
+    preset: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_preset(cls, preset: str, **changes: Any) -> "BenchOptions":
+        """A published protocol (:data:`~lightning_ssr.bench.presets.PRESETS`), with ``changes`` over it.
+
+        Example:
+            >>> opts = BenchOptions.from_preset("vdv2019-permuted", n_tasks=20)
+            >>> opts.dataset, opts.n_tasks, opts.hidden_units, opts.lr, opts.iterations, opts.pad
+            ('mnist', 20, 1000, 0.0001, 5000, 2)
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}")
+        return cls(**{**PRESETS[preset].options, **changes, "preset": preset})
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("dataset", self.dataset, DATASETS), ("protocol", self.protocol, PROTOCOLS)):
@@ -58,6 +76,13 @@ class BenchOptions:
             raise ValueError(f"`lr` must be a positive number, got {self.lr!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"`workers` must be an int >= 1, got {self.workers!r}")
+        if self.iterations is not None and (
+                isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1):
+            raise ValueError(f"`iterations` must be an int >= 1 or None (epochs decide), got {self.iterations!r}")
+        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or not 0 <= self.pad <= 64:
+            raise ValueError(f"`pad` must be an int in [0, 64], got {self.pad!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {self.preset!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}")
         for s in self.scenarios:
@@ -67,3 +92,8 @@ class BenchOptions:
     def hidden_units(self) -> int:
         """van de Ven & Tolias: 400 units for Split, 1000 for Permuted."""
         return self.hidden if self.hidden is not None else (400 if self.protocol == "split" else 1000)
+
+    @property
+    def budget(self) -> str:
+        """The training budget per task in words, e.g. ``"2000 iterations/task"`` or ``"5 epochs/task"``."""
+        return f"{self.iterations} iterations/task" if self.iterations is not None else f"{self.epochs} epochs/task"

@@ -60,9 +60,15 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _hyperparameters(hp: Mapping[str, Any]) -> str:
+    """``k=v`` pairs, or ``-`` for none (the library's or the method's defaults)."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()) or "-"
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     """The proposal-style table: method, accuracy, forgetting, BWT, plasticity (accuracy on each
-    task right after learning it), extra state, time ratio.
+    task right after learning it), extra state, time ratio, and the hyperparameters each row ran
+    with when the rows carry them (``row["hyperparameters"]``, after the search).
 
     Example:
         >>> row = {"method": "naive", "seeds": 2, "average_accuracy_mean": 0.5, "average_accuracy_std": 0.01,
@@ -75,7 +81,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
         method                 accuracy %   forgetting %      BWT %  plasticity %   extra state  time vs naive
         naive                  50.0 ± 1.0     40.0 ± 0.0 -40.0 ± 0.0    90.0 ± 2.0          0 B   1.00 ± 0.00
     """
+    show_hp = any("hyperparameters" in r for r in rows)
     head = f"{'method':<20} {'accuracy %':>12} {'forgetting %':>14} {'BWT %':>10} {'plasticity %':>13} {'extra state':>13} {'time vs naive':>14}"
+    head += "  hyperparameters (chosen)" if show_hp else ""
     lines = [title, head]
     for r in rows:
         def pct(col: str) -> str:
@@ -84,6 +92,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
             f"{r['method']:<20} {pct('average_accuracy'):>12} {pct('average_forgetting'):>14} "
             f"{pct('backward_transfer'):>10} {pct('plasticity'):>13} {_bytes(r['extra_state_bytes']):>13} "
             f"{r['time_ratio_mean']:>6.2f} ± {r['time_ratio_std']:.2f}"
+            + (f"  {_hyperparameters(r.get('hyperparameters') or {})}" if show_hp else "")
         )
     return "\n".join(lines)
 
@@ -108,8 +117,55 @@ def write_results(out_dir: Path, meta: Mapping[str, Any], rows: Sequence[Mapping
     return {"json": json_path, "csv": csv_path}
 
 
+def _plot_task_accuracy(out_dir: Path, runs: Mapping[str, Sequence[StreamResult]], title: str) -> Path:
+    """One panel per task: its accuracy after each training experience, mean over seeds with a ±1 std band."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    n = next(iter(runs.values()))[0].matrix.shape[1]
+    cols = min(n, 5)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 1.8, 2.2 * rows + 0.8), sharex=True, sharey=True,
+                             squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    for k, (name, results) in enumerate(runs.items()):
+        mats = 100 * torch.stack([r.matrix for r in results])
+        mean, std = mats.mean(0), (mats.std(0) if len(results) > 1 else torch.zeros_like(mats[0]))
+        for j in range(n):
+            ax = axes[j // cols][j % cols]
+            x = list(range(j + 1, mean.shape[0] + 1))
+            m, sd = mean[j:, j], std[j:, j]
+            ax.plot(x, m.tolist(), color=colors[k % len(colors)], label=name, marker="o", markersize=2.5,
+                    linewidth=2.0 if name in ("ssr", "ssr-plugin") else 1.0)
+            ax.fill_between(x, (m - sd).tolist(), (m + sd).tolist(), color=colors[k % len(colors)], alpha=0.15)
+    for j in range(rows * cols):
+        ax = axes[j // cols][j % cols]
+        if j >= n:
+            ax.axis("off")
+            continue
+        ax.set_title(f"task {j + 1}", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        if j % cols == 0:
+            ax.set_ylabel("accuracy %", fontsize=8)
+        if j // cols == rows - 1:
+            ax.set_xlabel("tasks trained", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.suptitle("\n".join(textwrap.wrap(title + "; each task's accuracy over the stream, ±1 std over seeds", 110)),
+                 fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (2.6 * cols + 1.8), 1))
+    path = out_dir / "task_accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_results(out_dir: Path, runs: Mapping[str, Sequence[StreamResult]], title: str) -> list[Path]:
-    """An accuracy-matrix heatmap per method (mean over seeds) and average accuracy after each task."""
+    """An accuracy-matrix heatmap per method (mean over seeds), each task's accuracy over the stream
+    with std bands, and the average accuracy after each task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,6 +196,7 @@ def plot_results(out_dir: Path, runs: Mapping[str, Sequence[StreamResult]], titl
         paths.append(path)
     import textwrap
 
+    paths.append(_plot_task_accuracy(out_dir, runs, title))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = plt.get_cmap("tab20").colors
     for k, (name, ys) in enumerate(curves.items()):

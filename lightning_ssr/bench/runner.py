@@ -24,7 +24,11 @@ Tick = Callable[[], None]
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The budget every method gets alike: network, optimizer, epochs, batch size."""
+    """The budget every method gets alike: network, optimizer, epochs (or iterations), batch size.
+
+    With ``iterations`` set, every method trains exactly that many mini-batches per task (the
+    published protocols count iterations), whatever ``epochs`` says.
+    """
 
     hidden: int = 400
     layers: int = 2
@@ -32,6 +36,12 @@ class RunSettings:
     epochs: int = 1
     batch_size: int = 128
     eval_batch_size: int = 512
+    iterations: Optional[int] = None
+
+    @property
+    def max_epochs(self) -> int:
+        """Epochs to allow: ``epochs``, or with ``iterations`` enough for them (every epoch has a batch)."""
+        return self.iterations if self.iterations is not None else self.epochs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +137,27 @@ def _plugin(method: Method, hp: Mapping[str, Any]) -> list[Any]:
     return [make(**hp)]
 
 
+def _iteration_budget(iterations: int) -> Any:
+    """An Avalanche plugin that ends each experience's training after ``iterations`` mini-batches."""
+    from avalanche.training.plugins import SupervisedPlugin
+
+    class IterationBudget(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.done = 0
+
+        def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            self.done = 0
+            strategy._stop_training = False  # a stop at the end of the last experience must not carry over
+
+        def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            self.done += 1
+            if self.done >= iterations:
+                strategy.stop_training()
+
+    return IterationBudget()
+
+
 def _replay_bytes(plugin: Any, bench: ContinualBenchmark) -> int:
     """A replay buffer holds samples: their images and labels."""
     stored = sum(len(g.buffer) for g in plugin.storage_policy.buffer_groups.values()) if hasattr(
@@ -141,7 +172,7 @@ def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
     The accuracy matrix comes from Avalanche's own ``accuracy_metrics(experience=True)``.
     """
     from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.training import Naive, PNNStrategy
+    from avalanche.training import Cumulative, Naive, PNNStrategy
     from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 
     seed_stream(seed, "model")
@@ -154,11 +185,12 @@ def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
                 tick()
 
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=loggers or [])
-    template = PNNStrategy if method.name == "pnn" else Naive
+    template = {"pnn": PNNStrategy, "joint": Cumulative}.get(method.name, Naive)
+    budget = [_iteration_budget(s.iterations)] if s.iterations is not None else []
     strategy = template(
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=s.lr), criterion=nn.CrossEntropyLoss(),
-        train_mb_size=s.batch_size, train_epochs=s.epochs, eval_mb_size=s.eval_batch_size, device="cpu",
-        plugins=[*plugins, _Tick()], evaluator=evaluator,
+        train_mb_size=s.batch_size, train_epochs=s.max_epochs, eval_mb_size=s.eval_batch_size, device="cpu",
+        plugins=[*budget, *plugins, _Tick()], evaluator=evaluator,
     )
     n = bench.n_tasks
     rows: list[list[float]] = []
@@ -185,6 +217,8 @@ def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
             p.extra_state_bytes() if hasattr(p, "extra_state_bytes") else state_bytes(p, model))
     if method.name == "pnn":
         extra = sum(p.numel() * p.element_size() for p in model.parameters()) - _first_column_bytes(model)
+    if method.name == "joint":  # the samples of every earlier task, kept to train on again
+        extra = sum(len(exp.dataset) for exp in list(bench.train_stream)[:-1]) * (bench.input_size * 4 + 8)
     return StreamResult(
         method.name, accuracy=rows, n_experiences=n, train_time_s=train_time, eval_time_s=eval_time,
         wall_time_s=time.perf_counter() - start, extra_state_bytes=int(extra),
@@ -228,9 +262,10 @@ def run_lightning(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
         callbacks.append(SSRWandbHistograms(ssr))  # logs only to W&B loggers, else does nothing
     callbacks.append(_Tick())
     result = fit_stream(
-        module, bench, callbacks=callbacks, logger=logger, epochs=s.epochs, batch_size=s.batch_size,
+        module, bench, callbacks=callbacks, logger=logger, epochs=s.max_epochs, batch_size=s.batch_size,
         eval_batch_size=s.eval_batch_size, seed=seed, method=method.name, method_config=dict(hp),
-        trainer_kwargs={"accelerator": "cpu", "devices": 1},
+        trainer_kwargs={"accelerator": "cpu", "devices": 1,
+                        **({"max_steps": s.iterations} if s.iterations is not None else {})},
     )
     result.extra_state_bytes = ssr.extra_state_bytes() if ssr is not None else 0
     result.config = {**result.config, "runner": "lightning", **s.to_dict()}

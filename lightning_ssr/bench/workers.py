@@ -11,6 +11,7 @@ which worker ran it or when.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -29,17 +30,21 @@ _STATE: dict[str, Any] = {}
 
 def settings_of(opts: BenchOptions) -> RunSettings:
     """The budget every method gets alike, from the options."""
-    return RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size)
+    return RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size,
+                       iterations=opts.iterations)
 
 
 def benchmark_of(opts: BenchOptions, scenario: str) -> ContinualBenchmark:
     """The scenario's benchmark (seed 0: every process builds the same one)."""
     return make_benchmark(opts.dataset, opts.protocol, scenario, opts.n_tasks, seed=0, data_dir=opts.data_dir,
-                          train_subset=opts.train_subset, test_subset=opts.test_subset)
+                          train_subset=opts.train_subset, test_subset=opts.test_subset, pad=opts.pad,
+                          download=opts.download)
 
 
 def warm_up(bench: ContinualBenchmark, settings: RunSettings, tick: Optional[Callable[[], None]] = None) -> None:
     """One untimed pass of each runner, so that no method pays the first-call start-up costs."""
+    if settings.iterations is not None:  # a few iterations are enough to pay the start-up costs
+        settings = dataclasses.replace(settings, iterations=min(settings.iterations, 20))
     for name in ("naive", "naive-lightning"):
         run_method(METHODS[name], {}, bench, settings, seed=0, tick=tick)
 

