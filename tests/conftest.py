@@ -31,6 +31,18 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
+def _mnist_in_cache() -> bool:
+    from lightning_ssr.data.idx import IDX_FILES, default_cache_dir
+
+    raw = default_cache_dir() / "MNIST" / "raw"
+    return all((raw / name).is_file() for name in IDX_FILES.values())
+
+
+needs_mnist = pytest.mark.skipif(
+    not _mnist_in_cache(), reason="MNIST not in the cache (run `tools/get-mnist ~/.cache/lightning_ssr`, as .ci/run does)"
+)
+
+
 def tiny_mlp(n_in: int = 8, hidden: int = 16, n_out: int = 3) -> nn.Sequential:
     """A two-hidden-layer MLP with module activations."""
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out))

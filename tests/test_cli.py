@@ -43,7 +43,7 @@ def test_default_command_end_to_end_writes_table_json_csv_and_plots(tmp_path: Pa
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert [r["method"] for r in rows] == [r["method"] for r in data["summary"]]
     pngs = sorted(p.name for p in run_dir.glob("*.png"))
-    assert "average_accuracy.png" in pngs and "heatmap_ssr.png" in pngs and len(pngs) == 11
+    assert "average_accuracy.png" in pngs and "heatmap_ssr.png" in pngs and len(pngs) == 12 and "task_accuracy.png" in pngs
     for png in run_dir.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FMNIST_DIR, needs_fmnist
+from conftest import FMNIST_DIR, needs_fmnist, needs_mnist
 
 from lightning_ssr.data import (
     IDX_FILES,
     DatasetNotFoundError,
     find_idx_files,
+    load_dataset,
     load_digits,
     load_idx_dataset,
     make_benchmark,
@@ -266,16 +267,56 @@ def test_missing_directory_names_the_path_and_how_to_get_the_data(tmp_path: Path
         load_idx_dataset("fmnist", data_dir=missing, cache_dir=tmp_path / "cache")
     message = str(err.value)
     assert str(missing) in message and "apt-get install dataset-fashion-mnist" in message
-    assert "download=True" in message
-    with pytest.raises(DatasetNotFoundError, match=r"torchvision.datasets.MNIST\(root, download=True\)"):
+    assert "download=True" in message and "--download" in message
+    with pytest.raises(DatasetNotFoundError) as err:
         make_benchmark("mnist", data_dir=missing, cache_dir=tmp_path / "cache")
+    message = str(err.value)  # the folder, the files looked for and both remedies
+    assert str(missing) in message and "train-images-idx3-ubyte" in message and "train-images.idx3-ubyte" in message
+    assert "tools/get-mnist DIR" in message and "--download" in message
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
     _synthetic_idx(tmp_path / "src")
     os.remove(tmp_path / "src" / (IDX_FILES["test_images"] + ".gz"))
-    with pytest.raises(DatasetNotFoundError, match=r"t10k-images-idx3-ubyte\[\.gz\]"):
+    with pytest.raises(DatasetNotFoundError) as err:
         load_idx_dataset("mnist", data_dir=tmp_path / "src", cache_dir=tmp_path / "cache")
+    message = str(err.value)
+    assert "t10k-images-idx3-ubyte / t10k-images-idx3-ubyte.gz / t10k-images.idx3-ubyte[.gz]" in message
+    assert "train-images" not in message.split("(looked in")[1].split(")")[0]  # only the missing one
+    assert str(tmp_path / "src" / "MNIST" / "raw") in message and "tools/get-mnist DIR" in message
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_files_with_dotted_names_as_some_copies_have_them(tmp_path: Path, compress: bool) -> None:
+    written = _synthetic_idx(tmp_path / "plain", compress=dict.fromkeys(IDX_FILES, compress))
+    dotted = tmp_path / "dotted"
+    dotted.mkdir()
+    for path in (tmp_path / "plain").iterdir():
+        (dotted / path.name.replace("-idx", ".idx", 1)).write_bytes(path.read_bytes())
+    assert (dotted / ("train-images.idx3-ubyte" + (".gz" if compress else ""))).is_file()
+    data = load_idx_dataset("mnist", data_dir=dotted, cache_dir=tmp_path / "cache")
+    assert data.train_y.tolist() == written["train_labels"].long().tolist()
+
+
+def test_padding_enlarges_the_images_and_the_permutations(tmp_path: Path) -> None:
+    _synthetic_idx(tmp_path / "src")
+    bench = make_benchmark("mnist", "permuted", "domain", n_tasks=3, data_dir=tmp_path / "src",
+                           cache_dir=tmp_path / "cache", pad=2)
+    assert bench.input_shape == (1, 32, 32) and bench.input_size == 1024
+    assert sorted(bench.permutations[2].tolist()) == list(range(1024))
+    x, _, _ = bench.train_stream[0].dataset[0]
+    assert x.shape == (1, 32, 32) and float(x[:, :2].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match=r"`pad` must be"):
+        make_benchmark("digits", pad=-1)
+
+
+@needs_mnist
+def test_genuine_mnist_from_the_cache_that_get_mnist_fills() -> None:
+    data = load_dataset("mnist")
+    assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.test_y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    bench = make_benchmark("mnist", "split", "task")
+    assert [len(e.dataset) for e in bench.train_stream] == [12665, 12089, 11263, 12183, 11800]
 
 
 def test_corrupt_gzip_is_reported(tmp_path: Path) -> None:
