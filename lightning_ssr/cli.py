@@ -7,6 +7,7 @@ and argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -130,7 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lightning_ssr.data.idx import DatasetNotFoundError
 
     try:
-        run_bench(opts)  # with --wandb: one W&B run per stream (lightning_ssr.loggers.wandb_logger_factory)
+        command = shlex.join(["lightning-ssr", *(sys.argv[1:] if argv is None else argv)])
+        run_bench(opts, command=command)  # with --wandb: one W&B run per stream (lightning_ssr.loggers.wandb_logger_factory)
     except (ValueError, TypeError, ImportError, DatasetNotFoundError) as err:
         parser.error(f"bench: {err}")
     return 0

@@ -32,3 +32,18 @@ def test_choose_replay_rate_scores_replay_and_each_rate_on_validation() -> None:
     out = run_script("benchmarks/choose_replay_rate.py", "--seeds", "1", "--rates", "0.02", "--mem-size", "50")
     assert "validation splits" in out
     assert re.search(r"^replay\s+[\d.]+ ±", out, re.M) and re.search(r"^ssr-replay a=0.02\s+[\d.]+ ±", out, re.M), out
+
+
+def test_markdown_table_prints_a_bench_output_as_the_readme_quotes_it(tmp_path) -> None:
+    from lightning_ssr.cli import main
+
+    main(["bench", "--scenario", "domain,class", "--methods", "ewc", "--seeds", "2", "--epochs", "1", "--search-budget",
+          "1", "--train-subset", "40", "--test-subset", "20", "--hidden", "16", "--no-plots", "--no-progress",
+          "--out", str(tmp_path)])
+    folders = [str(tmp_path / f"digits-split5-{s}") for s in ("domain", "class")]
+    out = run_script("benchmarks/markdown_table.py", *folders)
+    assert out.count("| method | accuracy % |") == 2 and "--scenario domain,class" in out
+    assert re.search(r"^\| ewc \| \d+\.\d ± \d+\.\d \|.*\| mode=separate ewc_lambda=1000 \|$", out, re.M), out
+    summary = run_script("benchmarks/markdown_table.py", "--summary", *folders)
+    assert summary.splitlines()[0] == "| method | digits-split5-domain | digits-split5-class |"
+    assert re.search(r"^\| naive \| \d+\.\d ± \d+\.\d \| \d+\.\d ± \d+\.\d \|$", summary, re.M), summary

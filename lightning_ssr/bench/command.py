@@ -125,12 +125,15 @@ def _run_in_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: 
 
 
 def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
+              echo: Callable[[str], None] = print, command: Optional[str] = None) -> dict[str, Any]:
     """Run the benchmark for every scenario of ``opts``; print tables, write results and plots.
 
     With ``opts.wandb`` and no ``logger_factory``, every (scenario, method, seed) stream is one
     Weights & Biases run in project ``opts.wandb_project``, written under ``opts.out/wandb``
     (see :func:`lightning_ssr.loggers.wandb_logger_factory`; ``WANDB_MODE=offline`` keeps them on disk).
+
+    ``command`` is recorded in ``results.json`` as the command that produced it (default: this
+    process's ``sys.argv``).
 
     Returns:
         Per scenario: ``{"rows": summary rows, "runs": {method: [StreamResult per seed]},
@@ -168,7 +171,7 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
                  f"{settings.batch_size}{f', padded by {opts.pad}' if opts.pad else ''}, {opts.seeds} seeds (mean ± std)")
         out_dir = out_root / f"{opts.dataset}-{opts.protocol}{n_tasks}-{scenario}"
         meta = {
-            "command": " ".join(sys.argv), "options": {k: v for k, v in dataclasses.asdict(opts).items()},
+            "command": command or " ".join(sys.argv), "options": {k: v for k, v in dataclasses.asdict(opts).items()},
             "scenario": scenario, "n_tasks": n_tasks, "settings": settings.to_dict(),
             "hyperparameters": chosen, "time_baselines": {m.name: m.baseline for m in methods},
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),

@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning_ssr.continual import StreamResult
 
-__all__ = ["summarize", "format_table", "write_results", "plot_results"]
+__all__ = ["format_bytes", "format_hyperparameters", "format_table", "plot_results", "summarize", "write_results"]
 
 _COLUMNS = ("average_accuracy", "average_forgetting", "backward_transfer", "plasticity")
 
@@ -52,7 +52,13 @@ def summarize(runs: Mapping[str, Sequence[StreamResult]], baselines: Mapping[str
     return rows
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """A byte count for a table.
+
+    Example:
+        >>> format_bytes(0), format_bytes(3 * 1024 ** 2)
+        ('0 B', '3.0 MB')
+    """
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -60,8 +66,13 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def _hyperparameters(hp: Mapping[str, Any]) -> str:
-    """``k=v`` pairs, or ``-`` for none (the library's or the method's defaults)."""
+def format_hyperparameters(hp: Mapping[str, Any]) -> str:
+    """``k=v`` pairs, or ``-`` for none (the library's or the method's defaults).
+
+    Example:
+        >>> format_hyperparameters({"ewc_lambda": 1000.0, "mode": "online"}), format_hyperparameters({})
+        ('ewc_lambda=1000 mode=online', '-')
+    """
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()) or "-"
 
 
@@ -90,9 +101,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
             return f"{100 * r[col + '_mean']:.1f} ± {100 * r[col + '_std']:.1f}"
         lines.append(
             f"{r['method']:<20} {pct('average_accuracy'):>12} {pct('average_forgetting'):>14} "
-            f"{pct('backward_transfer'):>10} {pct('plasticity'):>13} {_bytes(r['extra_state_bytes']):>13} "
+            f"{pct('backward_transfer'):>10} {pct('plasticity'):>13} {format_bytes(r['extra_state_bytes']):>13} "
             f"{r['time_ratio_mean']:>6.2f} ± {r['time_ratio_std']:.2f}"
-            + (f"  {_hyperparameters(r.get('hyperparameters') or {})}" if show_hp else "")
+            + (f"  {format_hyperparameters(r.get('hyperparameters') or {})}" if show_hp else "")
         )
     return "\n".join(lines)
 
