@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import run_script
+from conftest import needs_mnist, run_script
 
 
 def test_callback_overhead_prints_pair_ratios_and_the_time_inside_ssr() -> None:
@@ -47,3 +47,12 @@ def test_markdown_table_prints_a_bench_output_as_the_readme_quotes_it(tmp_path) 
     summary = run_script("benchmarks/markdown_table.py", "--summary", *folders)
     assert summary.splitlines()[0] == "| method | digits-split5-domain | digits-split5-class |"
     assert re.search(r"^\| naive \| \d+\.\d ± \d+\.\d \| \d+\.\d ± \d+\.\d \|$", summary, re.M), summary
+
+
+@needs_mnist
+def test_anchor_rate_vs_lr_scores_each_rate_on_validation() -> None:
+    out = run_script("benchmarks/anchor_rate_vs_lr.py", "--rates", "0.1", "0.01", "--seeds", "1", "--tasks", "2",
+                     "--iterations", "3", "--train-subset", "300", "--test-subset", "50")
+    assert "validation split" in out
+    for label in ("naive-lightning", "ssr anchor_rate=0.1 ", "ssr anchor_rate=0.01"):
+        assert re.search(rf"^{re.escape(label)}\s*\d+\.\d \(\d+\.\d\)$", out, re.M), out
