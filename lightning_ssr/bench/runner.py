@@ -142,27 +142,27 @@ def _iteration_budget(iterations: int) -> Any:
     from avalanche.training.plugins import SupervisedPlugin
 
     class IterationBudget(SupervisedPlugin):
-        def __init__(self) -> None:
-            super().__init__()
-            self.done = 0
-
         def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-            self.done = 0
             strategy._stop_training = False  # a stop at the end of the last experience must not carry over
 
         def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-            self.done += 1
-            if self.done >= iterations:
+            # Avalanche's clock is the last plugin: it has not yet counted this iteration
+            if strategy.clock.train_exp_iterations + 1 >= iterations:
                 strategy.stop_training()
 
     return IterationBudget()
+
+
+def _sample_bytes(bench: ContinualBenchmark) -> int:
+    """One stored sample: its float32 image and int64 label."""
+    return bench.input_size * 4 + 8
 
 
 def _replay_bytes(plugin: Any, bench: ContinualBenchmark) -> int:
     """A replay buffer holds samples: their images and labels."""
     stored = sum(len(g.buffer) for g in plugin.storage_policy.buffer_groups.values()) if hasattr(
         plugin.storage_policy, "buffer_groups") else len(plugin.storage_policy.buffer)
-    return stored * (bench.input_size * 4 + 8)
+    return stored * _sample_bytes(bench)
 
 
 def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchmark, s: RunSettings,
@@ -218,7 +218,7 @@ def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
     if method.name == "pnn":
         extra = sum(p.numel() * p.element_size() for p in model.parameters()) - _first_column_bytes(model)
     if method.name == "joint":  # the samples of every earlier task, kept to train on again
-        extra = sum(len(exp.dataset) for exp in list(bench.train_stream)[:-1]) * (bench.input_size * 4 + 8)
+        extra = sum(len(exp.dataset) for exp in list(bench.train_stream)[:-1]) * _sample_bytes(bench)
     return StreamResult(
         method.name, accuracy=rows, n_experiences=n, train_time_s=train_time, eval_time_s=eval_time,
         wall_time_s=time.perf_counter() - start, extra_state_bytes=int(extra),
