@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from lightning_ssr.bench.command import _quiet
+from lightning_ssr.bench.command import quiet_warnings
 from lightning_ssr.bench.methods import METHODS
 from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
 from lightning_ssr.data import make_benchmark
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=10000)
     parser.add_argument("--test-subset", type=int, default=1000)
     args = parser.parse_args()
-    _quiet()
+    quiet_warnings()
     bench = make_benchmark("mnist", "permuted", "domain", n_tasks=args.tasks, pad=2, train_subset=args.train_subset,
                            test_subset=args.test_subset)
     val = validation_benchmark(bench, 0.2, seed=0)

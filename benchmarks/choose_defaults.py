@@ -68,12 +68,12 @@ DIGITS = ("digits-task", "digits-domain", "digits-class")
 
 
 def run(streams: list[Stream], candidates: dict[str, dict[str, Any]], seeds: int) -> dict[str, Any]:
-    from lightning_ssr.bench.command import _quiet
+    from lightning_ssr.bench.command import quiet_warnings
     from lightning_ssr.bench.methods import METHODS, Method
     from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
     from lightning_ssr.data import make_benchmark
 
-    _quiet()
+    quiet_warnings()
     out: dict[str, Any] = {}
     for st in streams:
         bench = make_benchmark(st.dataset, st.protocol, st.scenario, st.tasks, seed=0, train_subset=st.train_subset)

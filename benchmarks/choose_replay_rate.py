@@ -19,7 +19,7 @@ import argparse
 import statistics
 import time
 
-from lightning_ssr.bench.command import _quiet
+from lightning_ssr.bench.command import quiet_warnings
 from lightning_ssr.bench.methods import METHODS
 from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
 from lightning_ssr.data import make_benchmark
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem-size", type=int, default=200, help="replay buffer size, the same for every row")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
-    _quiet()
+    quiet_warnings()
     bench = make_benchmark(args.dataset, "split", args.scenario, 5, seed=0)
     val = validation_benchmark(bench, 0.2, seed=0)
     s = (RunSettings(hidden=400, epochs=5, batch_size=32) if args.dataset == "digits"

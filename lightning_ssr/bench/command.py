@@ -22,13 +22,15 @@ from lightning_ssr.bench.workers import benchmark_of, search_method, settings_of
 from lightning_ssr.continual import StreamResult
 from lightning_ssr.data import ContinualBenchmark
 
-__all__ = ["BenchOptions", "run_bench"]
+__all__ = ["BenchOptions", "quiet_warnings", "run_bench"]
 
 #: A factory of one logger per (scenario, method, seed) stream, or ``None`` for none.
 LoggerFactory = Callable[[str, Method, int, dict[str, Any]], Any]
 
 
-def _quiet() -> None:
+def quiet_warnings() -> None:
+    """Silence the warnings and start-up logs of torch, Lightning and Avalanche for a benchmark run
+    (the bench, its worker processes and the scripts of ``benchmarks/`` call it first)."""
     warnings.filterwarnings("ignore")
     # Avalanche's @deprecated re-inserts a "once" filter on every call; route warnings to a
     # logger instead, which filter edits cannot reach
@@ -139,7 +141,7 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
         Per scenario: ``{"rows": summary rows, "runs": {method: [StreamResult per seed]},
         "search": ..., "files": {...}}``.
     """
-    _quiet()
+    quiet_warnings()
     if logger_factory is None and opts.wandb:
         from lightning_ssr.loggers import wandb_logger_factory
 

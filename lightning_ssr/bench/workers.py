@@ -65,9 +65,9 @@ def search_method(method: Method, opts: BenchOptions, val: Optional[ContinualBen
 
 def init_worker(opts: BenchOptions, threads: int) -> None:
     """Set a worker up: quiet logs, its share of the CPU threads, and one untimed pass of each runner."""
-    from lightning_ssr.bench.command import _quiet
+    from lightning_ssr.bench.command import quiet_warnings
 
-    _quiet()
+    quiet_warnings()
     torch.set_num_threads(threads)
     _STATE.update(opts=opts, settings=settings_of(opts), benches={}, vals={})
     warm_up(_bench(opts.scenarios[0]), _STATE["settings"])
