@@ -12,7 +12,7 @@ import pytest
 
 from lightning_ssr.bench import BenchOptions, resolve_methods, run_bench
 from lightning_ssr.bench.runner import state_bytes
-from lightning_ssr.cli import main
+from lightning_ssr.cli import MAX_AUTO_WORKERS, auto_workers, build_parser, main
 
 SMALL = ["--seeds", "2", "--epochs", "1", "--train-subset", "60", "--test-subset", "40", "--hidden", "32",
          "--no-progress"]
@@ -67,6 +67,7 @@ def test_search_budget_chooses_on_validation_and_records_it(tmp_path: Path) -> N
         (["--scenario", "online"], "`scenario` must be one or more of"),
         (["--seeds", "0"], "`seeds` must be an int >= 1, got 0"),
         (["--workers", "0"], "`workers` must be an int >= 1, got 0"),
+        (["--workers", "many"], "argument --workers: must be 'auto' or an int >= 1, got 'many'"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     ],
 )
@@ -77,6 +78,28 @@ def test_bad_options_give_clear_errors(argv, message, capsys) -> None:
     assert message in capsys.readouterr().err
 
 
+def test_workers_default_to_one_per_core() -> None:
+    import os
+
+    assert build_parser().parse_args(["bench"]).workers == auto_workers()
+    assert auto_workers() == max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+    assert build_parser().parse_args(["bench", "--workers", "3"]).workers == 3
+
+
+def test_time_ratio_compares_cpu_time_where_both_runs_measured_it() -> None:
+    from lightning_ssr.bench.report import summarize
+    from lightning_ssr.continual import StreamResult
+
+    acc = [[0.9]]
+    naive = StreamResult("naive", acc, 1, train_time_s=[4.0], train_cpu_s=[1.0])
+    busy = StreamResult("x", acc, 1, train_time_s=[2.0], train_cpu_s=[1.5])  # less wall, more CPU
+    rows = summarize({"naive": [naive], "x": [busy]}, {"naive": "naive", "x": "naive"})
+    assert rows[1]["time_ratio_mean"] == pytest.approx(1.5)
+    wall_only = StreamResult("y", acc, 1, train_time_s=[2.0])  # an older result: wall time for both
+    rows = summarize({"naive": [naive], "y": [wall_only]}, {"naive": "naive", "y": "naive"})
+    assert rows[1]["time_ratio_mean"] == pytest.approx(0.5)
+
+
 def test_console_script_help() -> None:
     out = subprocess.run([sys.executable, "-m", "lightning_ssr.cli", "bench", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--search-budget" in out.stdout and "digits" in out.stdout
@@ -85,7 +108,7 @@ def test_console_script_help() -> None:
 _HEAVY = ("torch", "lightning", "avalanche", "numpy")
 _PROBE = """
 import sys
-from lightning_ssr.cli import main
+from lightning_ssr.cli import MAX_AUTO_WORKERS, auto_workers, build_parser, main
 try:
     main({argv!r})
 except SystemExit as exit:

@@ -246,6 +246,7 @@ def test_predict_step_must_return_logits(benches) -> None:
         ({"weight_decay": -1}, ValueError, r"`weight_decay` must be >= 0.0, got -1"),
         ({"lr": "fast"}, TypeError, r"`lr` must be a float, got 'fast'"),
         ({"task_labels": 1}, TypeError, r"`task_labels` must be True, False or None, got 1"),
+        ({"fused": "yes"}, TypeError, r"`fused` must be True, False or None, got 'yes'"),
     ],
 )
 def test_classifier_module_errors(kwargs, error, match) -> None:
@@ -264,3 +265,19 @@ def test_classifier_module_optimizers_and_task_labels(optimizer: str) -> None:
     assert type(opt).__name__.lower() == optimizer.replace("adamw", "adamw")
     with pytest.raises(ValueError, match=r"MultiHeadMLP takes task labels, but the batch has none"):
         module.training_step((torch.randn(3, 4), torch.tensor([0, 1, 0])), 0)
+    fused = ClassifierModule(MultiHeadMLP(4, 8, 2), optimizer=optimizer, fused=True).configure_optimizers()
+    assert fused.defaults["fused"] is True and opt.defaults["fused"] is None
+
+
+def test_fused_adam_trains_the_same_stream_as_the_default_one(benches) -> None:
+    """The bench's fused Adam (one kernel for all parameters) is the same algorithm: the same
+    accuracy matrix up to rounding, and CPU time is recorded beside wall time per experience."""
+    bench = benches["domain"]
+    runs = []
+    for fused in (None, True):
+        torch.manual_seed(0)
+        module = ClassifierModule(_model(bench), fused=fused)
+        runs.append(fit_stream(module, bench, epochs=3, batch_size=20, seed=0, trainer_kwargs=CPU))
+    assert sum(runs[0].accuracy, []) == pytest.approx(sum(runs[1].accuracy, []), abs=0.03)
+    assert runs[1].average_accuracy > 0.6  # it learned
+    assert len(runs[1].train_cpu_s) == bench.n_tasks and all(t > 0 for t in runs[1].train_cpu_s)

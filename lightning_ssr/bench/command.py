@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
@@ -10,17 +11,15 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from lightning_ssr.bench.methods import Method, resolve_methods
 from lightning_ssr.bench.options import BenchOptions
-from lightning_ssr.bench.report import format_table, plot_results, summarize, write_results
-from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
-from lightning_ssr.bench.workers import benchmark_of, search_method, settings_of, warm_up
-from lightning_ssr.continual import StreamResult
-from lightning_ssr.data import ContinualBenchmark
+
+if TYPE_CHECKING:  # torch, Lightning and Avalanche load inside run_bench, after the workers have started
+    from lightning_ssr.bench.runner import RunSettings
+    from lightning_ssr.continual import StreamResult
+    from lightning_ssr.data import ContinualBenchmark
 
 __all__ = ["BenchOptions", "quiet_warnings", "run_bench"]
 
@@ -76,6 +75,9 @@ def _run_here(opts: BenchOptions, plan: dict[str, list[Method]], benches: dict[s
               settings: RunSettings, bar: Any, tick: Callable[[], None], logger_factory: Optional[LoggerFactory],
               finish: Callable[[str, dict, dict, dict], None]) -> None:
     """In this process: per scenario every search, then the seeds with the methods interleaved."""
+    from lightning_ssr.bench.runner import run_method, validation_benchmark
+    from lightning_ssr.bench.workers import search_method, warm_up
+
     warm_up(benches[opts.scenarios[0]], settings, tick)
     for scenario, methods in plan.items():
         bench = benches[scenario]
@@ -99,31 +101,50 @@ def _run_here(opts: BenchOptions, plan: dict[str, list[Method]], benches: dict[s
         finish(scenario, chosen, search, runs)
 
 
-def _run_in_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, n_tasks: int, bar: Any,
-                    finish: Callable[[str, dict, dict, dict], None]) -> None:
-    """In ``workers`` processes, one (scenario, method) job each; a scenario is reported once all its
-    methods are done, in the scenarios' order."""
+def _start_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: int) -> tuple[Any, dict[Any, tuple]]:
+    """Start ``workers`` processes and hand them every (scenario, method) job, the longest first
+    (those with a hyperparameter search), so that no process is left with a long job at the end."""
     import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from lightning_ssr.bench.workers import init_worker, method_job
+    from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(opts, threads))
+    order = sorted(((s, m) for s, methods in plan.items() for m in methods),
+                   key=lambda job: -len(job[1].candidates(opts.search_budget)))  # stable: plan order otherwise
+    return pool, {pool.submit(_method_job, s, m.name): (s, m) for s, m in order}
+
+
+def _init_worker(opts: BenchOptions, threads: int) -> None:
+    """A worker's start (here, so that the pool starts before this process imports torch)."""
+    from lightning_ssr.bench.workers import init_worker
+
+    init_worker(opts, threads)
+
+
+def _method_job(scenario: str, name: str) -> tuple[dict, list, list[StreamResult]]:
+    from lightning_ssr.bench.workers import method_job
+
+    return method_job(scenario, name)
+
+
+def _collect(opts: BenchOptions, plan: dict[str, list[Method]], jobs: dict[Any, tuple], n_tasks: int, bar: Any,
+             finish: Callable[[str, dict, dict, dict], None]) -> None:
+    """Gather the workers' jobs; a scenario is reported once all its methods are done, in the scenarios' order."""
+    from concurrent.futures import as_completed
+
     done: dict[tuple[str, str], tuple[dict, list, list[StreamResult]]] = {}
     pending = list(plan)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                             initargs=(opts, threads)) as pool:
-        jobs = {pool.submit(method_job, s, m.name): (s, m) for s, methods in plan.items() for m in methods}
-        for future in as_completed(jobs):
-            scenario, method = jobs[future]
-            done[(scenario, method.name)] = future.result()
-            searched = len(method.candidates(opts.search_budget))
-            bar.set_postfix_str(f"{scenario}: {method.name} done")
-            bar.update((opts.seeds + (searched if searched > 1 else 0)) * n_tasks)
-            while pending and all((pending[0], m.name) in done for m in plan[pending[0]]):
-                s = pending.pop(0)
-                finish(s, *[{m.name: done[(s, m.name)][i] for m in plan[s]} for i in range(3)])
+    for future in as_completed(jobs):
+        scenario, method = jobs[future]
+        done[(scenario, method.name)] = future.result()
+        searched = len(method.candidates(opts.search_budget))
+        bar.set_postfix_str(f"{scenario}: {method.name} done")
+        bar.update((opts.seeds + (searched if searched > 1 else 0)) * n_tasks)
+        while pending and all((pending[0], m.name) in done for m in plan[pending[0]]):
+            s = pending.pop(0)
+            finish(s, *[{m.name: done[(s, m.name)][i] for m in plan[s]} for i in range(3)])
 
 
 def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None,
@@ -141,16 +162,33 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
         Per scenario: ``{"rows": summary rows, "runs": {method: [StreamResult per seed]},
         "search": ..., "files": {...}}``.
     """
+    start = time.perf_counter()
     quiet_warnings()
     if logger_factory is None and opts.wandb:
         from lightning_ssr.loggers import wandb_logger_factory
 
         logger_factory = wandb_logger_factory(opts.wandb_project, opts.out)
-    settings = settings_of(opts)
     plan = {s: resolve_methods(opts.methods, s) for s in opts.scenarios}
+    workers = opts.workers if logger_factory is None else 1  # loggers live in this process
+    with contextlib.ExitStack() as stack:
+        pool, jobs = _start_workers(opts, plan, workers) if workers > 1 else (None, {})  # they start meanwhile
+        if pool is not None:
+            stack.callback(pool.shutdown, cancel_futures=True)
+        return _run_plan(opts, plan, workers, pool, jobs, logger_factory, echo, command, start)
+
+
+def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, pool: Any, jobs: dict[Any, tuple],
+              logger_factory: Optional[LoggerFactory], echo: Callable[[str], None],
+              command: Optional[str], start: float) -> dict[str, Any]:
+    """:func:`run_bench` once the workers (if any) have their jobs: the tables, files and plots."""
+    import torch
+
+    from lightning_ssr.bench.report import format_table, plot_results, summarize, write_results
+    from lightning_ssr.bench.workers import benchmark_of, settings_of
+
+    settings = settings_of(opts)
     benches = {s: benchmark_of(opts, s) for s in opts.scenarios}
     n_tasks = next(iter(benches.values())).n_tasks
-    workers = opts.workers if logger_factory is None else 1  # loggers live in this process
     total = 0
     for s, methods in plan.items():
         for m in methods:
@@ -160,7 +198,6 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
     tick = lambda: bar.update(1)  # noqa: E731
     out_root = Path(opts.out)
     report: dict[str, Any] = {}
-    start = time.perf_counter()
 
     def finish(scenario: str, chosen: dict, search: dict, runs: dict) -> None:
         methods = plan[scenario]
@@ -188,8 +225,8 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
         bar.refresh()
         report[scenario] = {"rows": rows, "runs": runs, "search": search, "files": files, "hyperparameters": chosen}
 
-    if workers > 1:
-        _run_in_workers(opts, plan, workers, n_tasks, bar, finish)
+    if pool is not None:
+        _collect(opts, plan, jobs, n_tasks, bar, finish)
     else:
         _run_here(opts, plan, benches, settings, bar, tick, logger_factory, finish)
     bar.close()

@@ -28,7 +28,8 @@ def summarize(runs: Mapping[str, Sequence[StreamResult]], baselines: Mapping[str
     """One row per method: mean and std over seeds of every reported figure.
 
     ``time_ratio`` is the method's training time over its runner's naive training time, seed by
-    seed in the same run, then averaged.
+    seed in the same run, then averaged: CPU time where both runs measured it (it does not carry
+    the load of other processes, e.g. the bench's other workers), else wall time.
 
     Example:
         >>> a = StreamResult("naive", [[0.9, 0.1], [0.5, 0.9]], 2, train_time_s=[1.0, 1.0])
@@ -43,13 +44,20 @@ def summarize(runs: Mapping[str, Sequence[StreamResult]], baselines: Mapping[str
         for col in _COLUMNS:
             row[f"{col}_mean"], row[f"{col}_std"] = _mean_std([getattr(r, col) for r in results])
         base = runs.get(baselines.get(name, ""), [])
-        ratios = [sum(r.train_time_s) / max(sum(b.train_time_s), 1e-12) for r, b in zip(results, base)]
+        ratios = [_train_seconds(r, b) / max(_train_seconds(b, r), 1e-12) for r, b in zip(results, base)]
         row["time_ratio_mean"], row["time_ratio_std"] = _mean_std(ratios)
         row["time_baseline"] = baselines.get(name, "")
         row["train_time_s_mean"] = statistics.fmean(sum(r.train_time_s) for r in results)
         row["extra_state_bytes"] = max(r.extra_state_bytes for r in results)
         rows.append(row)
     return rows
+
+
+def _train_seconds(result: StreamResult, other: StreamResult) -> float:
+    """``result``'s training time: CPU seconds where both runs have them, else wall seconds."""
+    if result.train_cpu_s and other.train_cpu_s:
+        return sum(result.train_cpu_s)
+    return sum(result.train_time_s)
 
 
 def format_bytes(n: int) -> str:

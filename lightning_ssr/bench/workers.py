@@ -42,9 +42,9 @@ def benchmark_of(opts: BenchOptions, scenario: str) -> ContinualBenchmark:
 
 
 def warm_up(bench: ContinualBenchmark, settings: RunSettings, tick: Optional[Callable[[], None]] = None) -> None:
-    """One untimed pass of each runner, so that no method pays the first-call start-up costs."""
-    if settings.iterations is not None:  # a few iterations are enough to pay the start-up costs
-        settings = dataclasses.replace(settings, iterations=min(settings.iterations, 20))
+    """One untimed pass of each runner, so that no method pays the first-call start-up costs (20
+    iterations a task are enough for that: every Trainer, loader and evaluation is built as in a run)."""
+    settings = dataclasses.replace(settings, iterations=min(settings.iterations or 20, 20))
     for name in ("naive", "naive-lightning"):
         run_method(METHODS[name], {}, bench, settings, seed=0, tick=tick)
 

@@ -129,6 +129,7 @@ def _stream_result(rows: Mapping[str, list], wall: float, *, method: str, n_expe
         total=[list(r) for r in rows["total"]],
         n_experiences=n_experiences,
         train_time_s=list(rows["train_time_s"]),
+        train_cpu_s=list(rows.get("train_cpu_s", [])),
         eval_time_s=list(rows["eval_time_s"]),
         wall_time_s=wall,
         extra_state_bytes=extra_state_bytes,

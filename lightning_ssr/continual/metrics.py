@@ -323,6 +323,9 @@ class StreamResult:
         total: the number of test samples behind each entry, or ``None``.
         n_experiences: number of training experiences in the whole stream.
         train_time_s: seconds spent training on each finished experience.
+        train_cpu_s: CPU seconds of this process spent training on each finished experience (all
+            its threads; unlike the wall time, it does not grow when other processes share the
+            cores). Empty where it was not measured.
         eval_time_s: seconds spent evaluating after each finished experience.
         wall_time_s: seconds of the whole run (summed over resumed parts).
         extra_state_bytes: bytes the method stores beyond the model (e.g. SSR's per-neuron state).
@@ -346,6 +349,7 @@ class StreamResult:
     correct: Optional[list[list[int]]] = None
     total: Optional[list[list[int]]] = None
     train_time_s: list[float] = field(default_factory=list)
+    train_cpu_s: list[float] = field(default_factory=list)
     eval_time_s: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     extra_state_bytes: int = 0

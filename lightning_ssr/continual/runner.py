@@ -230,7 +230,7 @@ class StreamRunner:
         if stop_after is not None and stop_after > n_train:
             raise ValueError(f"`stop_after` must be in [1, {n_train}] (the stream's experiences), got {stop_after}")
         start_time = time.perf_counter()
-        rows: dict[str, list] = {"correct": [], "total": [], "train_time_s": [], "eval_time_s": []}
+        rows: dict[str, list] = {"correct": [], "total": [], "train_time_s": [], "train_cpu_s": [], "eval_time_s": []}
         offset, elapsed_before, start = 0, 0.0, 0
         if self.ckpt_dir is not None:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +248,7 @@ class StreamRunner:
             if self.cfg.seed is not None:
                 seed_stream(self.cfg.seed, "train", i)
             exp = self.train_stream[i]
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             for wrapped in self._wrapped:
                 wrapped.offset = offset
             self.module.train()
@@ -259,7 +259,7 @@ class StreamRunner:
                 ds = _phase(_dataset_of(exp, f"training experience {i}"), "train")
                 trainer.fit(self.module, train_dataloaders=self._train_loader(ds, i, pin))
             self.trainer = trainer
-            t1 = time.perf_counter()
+            t1, cpu1 = time.perf_counter(), time.process_time()
             if self.cfg.seed is not None:
                 seed_stream(self.cfg.seed, "eval", i)
             correct, total = self.evaluate(trainer)
@@ -269,6 +269,7 @@ class StreamRunner:
             rows["correct"].append(correct)
             rows["total"].append(total)
             rows["train_time_s"].append(t1 - t0)
+            rows.setdefault("train_cpu_s", []).append(cpu1 - cpu0)  # absent from older checkpoints
             rows["eval_time_s"].append(t2 - t1)
             _log_row(self.loggers, i, rows, offset)
             if self.ckpt_dir is not None:
