@@ -102,8 +102,10 @@ def _run_here(opts: BenchOptions, plan: dict[str, list[Method]], benches: dict[s
 
 
 def _start_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: int) -> tuple[Any, dict[Any, tuple]]:
-    """Start ``workers`` processes and hand them every (scenario, method) job, the longest first
-    (those with a hyperparameter search), so that no process is left with a long job at the end."""
+    """Start ``workers`` processes and hand them every (scenario, method) job: the time baselines
+    first (so that they run, like every other method, while all workers are busy: a core running
+    alone runs faster), then the longest (those with a hyperparameter search), so that no process
+    is left with a long job at the end."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -112,7 +114,7 @@ def _start_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: i
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(opts, threads))
     order = sorted(((s, m) for s, methods in plan.items() for m in methods),
-                   key=lambda job: -len(job[1].candidates(opts.search_budget)))  # stable: plan order otherwise
+                   key=lambda job: (job[1].baseline != job[1].name, -len(job[1].candidates(opts.search_budget))))
     return pool, {pool.submit(_method_job, s, m.name): (s, m) for s, m in order}
 
 
