@@ -218,7 +218,7 @@ class SynapticScaling(Callback):
         """Runs only when ``optimizer.step()`` really ran (not on AMP-skipped or accumulating batches)."""
         if self.engine is None:
             return
-        self._updated_since_log |= self.engine.after_step()
+        self._updated_since_log |= self.engine.after_step(optimizer)
         if self._driven:
             homeostatic_step(self.engine.model)  # every SSRNorm layer, one collective for all
 

@@ -147,6 +147,22 @@ def test_protected_neurons_change_less_than_without_the_plugin(split_fmnist: Con
     assert change["ssr"] < 0.5 * change["naive"], change
 
 
+def test_anchor_lr_reads_the_strategys_optimizer(split_fmnist: ContinualBenchmark) -> None:
+    """Under Adam 1e-3, ``anchor_rate=0.5, anchor_lr=0.01`` pulls as a fixed ``anchor_rate=0.05``."""
+    torch.manual_seed(0)
+    init = _mlp(split_fmnist)
+    nets = []
+    for ssr in (SSRPlugin(anchor_rate=0.5, anchor_lr=0.01), SSRPlugin(anchor_rate=0.05)):
+        model = copy.deepcopy(init)
+        strategy = _strategy(model, [ssr])
+        torch.manual_seed(1)  # the same mini-batch order in both runs
+        for exp in split_fmnist.train_stream[:2]:
+            strategy.train(exp)
+        nets.append(model)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_penalty_mode_adds_a_positive_term_after_the_first_experience(split_fmnist: ContinualBenchmark) -> None:
     before, after = LossProbe(), LossProbe()
     ssr = SSRPlugin(protection="penalty", consolidation=5.0)

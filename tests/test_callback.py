@@ -202,6 +202,32 @@ def test_a_torch_compiled_network_is_sensed_and_protected() -> None:
     assert cb.engine.tasks == 2 and cb.engine.anchoring.nbytes() > 0
 
 
+def test_anchor_lr_reads_the_trainers_optimizer_and_follows_its_scheduler() -> None:
+    """At SGD lr 0.05, ``anchor_rate=0.5, anchor_lr=0.5`` pulls as a fixed ``anchor_rate=0.05``; a
+    scheduler that halves the learning rate every step makes the pull differ."""
+
+    class Halving(Classifier):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5),
+                                                       "interval": "step"}}
+
+    def train(cb: SynapticScaling, cls: type = Classifier) -> nn.Module:
+        torch.manual_seed(0)
+        model = cls(tiny_mlp())
+        for seed in (0, 2):
+            _trainer([cb]).fit(model, _loader(seed=seed))
+        return model.net
+
+    scaled = train(SynapticScaling(anchor_rate=0.5, anchor_lr=0.5, update_every=1, warmup_steps=0))
+    fixed = train(SynapticScaling(anchor_rate=0.05, update_every=1, warmup_steps=0))
+    for a, b in zip(scaled.parameters(), fixed.parameters()):
+        assert_close(a, b, rtol=1e-6, atol=1e-7)
+    scheduled = train(SynapticScaling(anchor_rate=0.5, anchor_lr=0.5, update_every=1, warmup_steps=0), Halving)
+    scheduled_fixed = train(SynapticScaling(anchor_rate=0.05, update_every=1, warmup_steps=0), Halving)
+    assert not torch.allclose(scheduled[0].weight, scheduled_fixed[0].weight)
+
+
 def test_public_consolidate_and_error_before_fit() -> None:
     cb = SynapticScaling()
     with pytest.raises(RuntimeError, match=r"consolidate\(\) needs a model"):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.testing import assert_close
 
 from lightning_ssr.core import SSRConfig
 from lightning_ssr.core.consolidation import Consolidation
@@ -242,14 +243,14 @@ def test_min_plasticity_is_validated() -> None:
 
 
 # ---------------------------------------------------------------------------------- anchoring
-def _engine_after_one_task(**cfg):
+def _engine_after_one_task(lr: float = 0.5, **cfg):
     from lightning_ssr.core import SSREngine
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, **cfg))
     engine.attach()
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
 
     def train(steps: int, shift: float) -> None:
         for _ in range(steps):
@@ -258,11 +259,48 @@ def _engine_after_one_task(**cfg):
             net(x).pow(2).mean().backward()
             engine.before_step()
             opt.step()
-            engine.after_step()
+            engine.after_step(opt)
 
     train(5, 0.0)
     engine.consolidate()
     return engine, net, train
+
+
+def test_anchor_lr_scales_the_pull_with_the_learning_rate() -> None:
+    """``anchor_rate=0.5, anchor_lr=5`` at lr 0.5 pulls as a fixed ``anchor_rate=0.05`` does."""
+    scaled, scaled_net, scaled_train = _engine_after_one_task(protection="anchor", anchor_rate=0.5, anchor_lr=5.0)
+    fixed, fixed_net, fixed_train = _engine_after_one_task(protection="anchor", anchor_rate=0.05)
+    strong, strong_net, strong_train = _engine_after_one_task(protection="anchor", anchor_rate=0.5)
+    for train in (scaled_train, fixed_train, strong_train):
+        torch.manual_seed(1)  # the same second task's data for each
+        train(10, 2.0)
+    for a, b in zip(scaled_net.parameters(), fixed_net.parameters()):
+        assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(scaled_net[0].weight, strong_net[0].weight)  # the scaling did something
+
+
+def test_anchor_lr_needs_the_optimizer_once_a_task_is_protected() -> None:
+    engine, net, _ = _engine_after_one_task(protection="anchor", anchor_lr=1e-3)
+    net(torch.randn(8, 4)).sum().backward()
+    engine.before_step()
+    with pytest.raises(ValueError, match=r"`anchor_lr=0.001` scales the anchoring pull .* SSREngine.after_step\(optimizer\)"):
+        engine.after_step()
+
+
+def test_anchoring_follows_the_learning_rate_and_caps_at_a_full_pull() -> None:
+    from lightning_ssr.core.anchoring import Anchoring
+
+    p = nn.Parameter(torch.zeros(1, 2))
+    gate = torch.tensor([[0.0]])  # fully protected
+    anchoring = Anchoring(rate=0.5, reference_lr=0.1)
+    anchoring.set_anchors([p])
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    for lr, expected in ((0.1, 0.5), (0.05, 0.75), (10.0, 0.0)):  # pulls 0.5, 0.25, capped at 1
+        with torch.no_grad():
+            p.fill_(1.0)
+        optimizer.param_groups[0]["lr"] = lr  # as a scheduler sets it
+        anchoring.pull([(p, (1, -1), gate)], optimizer)
+        assert_close(p.detach(), torch.full((1, 2), expected))
 
 
 def test_anchoring_pulls_important_synapses_back_and_leaves_updates_free() -> None:

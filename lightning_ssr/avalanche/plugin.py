@@ -178,7 +178,7 @@ class SSRPlugin(SupervisedPlugin):
     @override
     def after_update(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         if self.engine is not None and self.engine.attached:
-            self.engine.after_step()
+            self.engine.after_step(strategy.optimizer)
 
     @override
     def after_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:

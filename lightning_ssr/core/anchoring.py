@@ -54,11 +54,13 @@ class Anchoring:
         tensor([[1.9000, 1.9000]], requires_grad=True)
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, reference_lr: Optional[float] = None) -> None:
         self.rate = float(rate)
+        self.reference_lr = None if reference_lr is None else float(reference_lr)
         self._anchors: dict[int, Tensor] = {}
-        #: Per parameter: the gate the pull weights were derived from, and ``rate * (1 - gate)``.
-        self._weights: dict[int, tuple[Tensor, Tensor]] = {}
+        #: Per parameter: the gate and the learning-rate factor the pull weights were derived
+        #: from, and ``rate * factor * (1 - gate)``.
+        self._weights: dict[int, tuple[Tensor, float, Tensor]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -71,19 +73,42 @@ class Anchoring:
         self._anchors = {id(p): p.detach().clone(memory_format=torch.contiguous_format) for p in params}
         self._weights = {}
 
-    def pull(self, cache: Iterable[CacheEntry]) -> None:
-        """After an optimizer step: ``p <- p + rate * (1 - gate) * (anchor - p)``, in place."""
+    def pull(self, cache: Iterable[CacheEntry], optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """After an optimizer step: ``p <- p + rate * factor * (1 - gate) * (anchor - p)``, in place.
+
+        Args:
+            cache: the gated parameters with their gates.
+            optimizer: with a ``reference_lr``, the optimizer that took the step: each parameter's
+                ``factor = lr / reference_lr`` from its parameter group (at most ``1 / rate``, a
+                full pull), so the pull scales with the learning rate as AdamW's decoupled weight
+                decay does. Without a ``reference_lr``, ``factor = 1``.
+
+        Raises:
+            ValueError: with a ``reference_lr`` but no ``optimizer``.
+        """
         if not self.enabled or not self._anchors:
             return
+        if self.reference_lr is not None and optimizer is None:
+            raise ValueError(
+                f"`anchor_lr={self.reference_lr:g}` scales the anchoring pull with the learning rate, but no "
+                "optimizer was given: call SSREngine.after_step(optimizer), or set SSRConfig(anchor_lr=None) "
+                "for a pull of anchor_rate per step whatever the learning rate"
+            )
+        lrs = None
+        if self.reference_lr is not None and optimizer is not None:
+            lrs = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
         with torch.no_grad():
             for p, shape, gate in cache:
                 anchor = self._anchors.get(id(p))
                 if anchor is None:
                     continue
+                factor = 1.0
+                if lrs is not None and self.reference_lr is not None:
+                    factor = min(lrs.get(id(p), self.reference_lr) / self.reference_lr, 1.0 / self.rate)
                 cached = self._weights.get(id(p))
-                if cached is None or cached[0] is not gate:  # new gates (a rebuilt cache): derive again
-                    cached = self._weights[id(p)] = (gate, self.rate * (1.0 - gate))
-                w = cached[1]
+                if cached is None or cached[0] is not gate or cached[1] != factor:  # derive again
+                    cached = self._weights[id(p)] = (gate, factor, (self.rate * factor) * (1.0 - gate))
+                w = cached[2]
                 if anchor.device != p.device:
                     anchor = self._anchors[id(p)] = anchor.to(p.device)
                 as_view(p, shape).lerp_(as_view(anchor, shape), w)

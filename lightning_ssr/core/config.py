@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -89,6 +90,13 @@ class SSRConfig:
             ``"update"`` fell up to 6.5 points below.
         anchor_rate: with ``protection="anchor"``, the fraction of its distance to the anchor a
             fully protected synapse loses per optimizer step, in ``(0, 1]``. Default: ``0.1``.
+        anchor_lr: the learning rate at which ``anchor_rate`` holds as is: at learning rate
+            ``lr`` the pull is ``anchor_rate * lr / anchor_lr`` per step (at most a full pull),
+            as AdamW's decoupled weight decay scales with the learning rate, so the point where
+            a synapse settles between the optimizer's steps and the pull does not depend on the
+            learning rate (read from the optimizer's parameter groups at every step; schedulers
+            are followed). ``None``: ``anchor_rate`` per step whatever the learning rate.
+            Default: ``None``.
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
             input columns) where the consumer is a tracked layer. Default: ``True``.
         protect_output: also protect the synapses into the (untracked) output layer, each by the
@@ -126,6 +134,7 @@ class SSRConfig:
     accumulate: str = "max"
     protection: str = "anchor"
     anchor_rate: float = 0.1
+    anchor_lr: Optional[float] = None
     gate_outgoing: bool = True
     protect_output: bool = True
     scale_bias: bool = True
@@ -153,6 +162,8 @@ class SSRConfig:
         check_choice("accumulate", self.accumulate, ("sum", "max"))
         check_choice("protection", self.protection, _PROTECTIONS)
         check_number("anchor_rate", self.anchor_rate, 0.0, 1.0, low_open=True)
+        if self.anchor_lr is not None:
+            check_number("anchor_lr", self.anchor_lr, 0.0, math.inf, low_open=True)
         check_number("eps", self.eps, 0.0, 1.0, low_open=True)
         for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias"):
             check_bool(flag, getattr(self, flag))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -112,10 +112,7 @@ class SSREngine:
                 if name not in self.layers
             }
         self.reduce_fn = reduce_fn
-        self.step = 0
-        self.task_step = 0
-        self.tasks = 0
-        self.skipped = 0
+        self.step = self.task_step = self.tasks = self.skipped = 0
         self._window = 0  # optimizer steps sensed since the last update
         self._checked = False
         self._sense_period = min(cfg.sense_every, cfg.update_every)  # at least once per update
@@ -128,7 +125,7 @@ class SSREngine:
         self.homeostasis = Homeostasis(cfg)
         self.consolidation = Consolidation(cfg)
         self.protection = Protection(cfg)
-        self.anchoring = Anchoring(cfg.anchor_rate if cfg.protection == "anchor" else 0.0)
+        self.anchoring = Anchoring(cfg.anchor_rate if cfg.protection == "anchor" else 0.0, cfg.anchor_lr)
         self.recycling = Recycling(cfg.recycle_below)
         self.consumers = ConsumerFinder(model)
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
@@ -190,19 +187,22 @@ class SSREngine:
             self._build_gates()  # the model moved to another device
         self.protection.before_step()
 
-    def after_step(self) -> bool:
+    def after_step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> bool:
         """Call right after an optimizer step that really happened (not one AMP skipped).
 
         Applies the protection of the optimizer's update, then every ``update_every`` steps
         reduces the sensed activity across processes, updates long-run activity and set points,
         and rescales each neuron's incoming weights.
 
+        Args:
+            optimizer: the optimizer of the step; with ``anchor_lr`` its learning rates scale the pull.
+
         Returns:
             Whether a homeostatic update was made this step (see :meth:`diagnostics`).
         """
         self._resolve_consumers()
         self.protection.after_step()
-        self.anchoring.pull(self.protection.cache)  # the cache is empty while nothing is protected
+        self.anchoring.pull(self.protection.cache, optimizer)  # the cache is empty while nothing is protected
         self.step += 1
         self.task_step += 1
         self._window += 1
