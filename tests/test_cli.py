@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,5 @@ def test_worker_processes_give_the_same_figures_as_one_process(tmp_path: Path) -
                     report[s]["hyperparameters"]) for s in report}
 
     assert run(2) == run(1)
+    meta = json.loads((tmp_path / "2" / "digits-split5-domain" / "results.json").read_text())["meta"]
+    assert meta["workers"] == 2 and meta["threads"] == max(1, (os.cpu_count() or 1) // 2)  # each worker's

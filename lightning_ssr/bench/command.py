@@ -107,15 +107,21 @@ def _start_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: i
     alone runs faster), then the longest (those with a hyperparameter search), so that no process
     is left with a long job at the end."""
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = _worker_threads(workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(opts, threads))
     order = sorted(((s, m) for s, methods in plan.items() for m in methods),
                    key=lambda job: (job[1].baseline != job[1].name, -len(job[1].candidates(opts.search_budget))))
     return pool, {pool.submit(_method_job, s, m.name): (s, m) for s, m in order}
+
+
+def _worker_threads(workers: int) -> int:
+    """The torch threads of each of ``workers`` worker processes: their share of the CPU cores."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def _init_worker(opts: BenchOptions, threads: int) -> None:
@@ -216,7 +222,7 @@ def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, p
             "scenario": scenario, "n_tasks": n_tasks, "settings": settings.to_dict(),
             "hyperparameters": chosen, "time_baselines": {m.name: m.baseline for m in methods},
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads(), "workers": workers,
+            "threads": torch.get_num_threads() if workers == 1 else _worker_threads(workers), "workers": workers,
         }
         files = write_results(out_dir, meta, rows, runs, search)
         if opts.plots:
