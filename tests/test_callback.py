@@ -318,8 +318,9 @@ def _resume_run(tmp_path: Path, stop: bool, **extra: Any) -> tuple[dict, dict]:
     return {k: v.clone() for k, v in model.state_dict().items()}, cb.engine.state_dict()
 
 
-@pytest.mark.parametrize("extra", [{"protection": "update"}, {"protection": "anchor", "anchor_rate": 0.3, "min_plasticity": 0.5}],
-                         ids=["update", "anchor-capacity"])
+@pytest.mark.parametrize("extra", [{"protection": "update"}, {"protection": "anchor", "anchor_rate": 0.3, "min_plasticity": 0.5},
+                                   {"protection": "anchor", "output_targets": True}],
+                         ids=["update", "anchor-capacity", "anchor-output-targets"])
 def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> None:
     weights_a, state_a = _resume_run(tmp_path, stop=False, **extra)
     weights_b, state_b = _resume_run(tmp_path, stop=True, **extra)
@@ -331,12 +332,15 @@ def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> 
         assert_close(weights_b[k], weights_a[k], rtol=0, atol=0)
     for key in ("step", "task_step", "tasks", "skipped"):
         assert state_a[key] == state_b[key]
-    for name, layer in state_a["layers"].items():
-        for key, value in layer.items():
-            if isinstance(value, torch.Tensor):
-                assert_close(state_b["layers"][name][key], value, rtol=0, atol=0, equal_nan=True)
-            else:
-                assert state_b["layers"][name][key] == value
+    for group in ("layers", "outputs"):
+        for name, layer in state_a[group].items():
+            for key, value in layer.items():
+                if isinstance(value, torch.Tensor):
+                    assert_close(state_b[group][name][key], value, rtol=0, atol=0, equal_nan=True)
+                else:
+                    assert state_b[group][name][key] == value
+    if extra.get("output_targets"):  # the targets were counted (and folded into importance at the task's end)
+        assert all("targets" in o and float(o["importance"].sum()) > 0 for o in state_a["outputs"].values())
 
 
 def _finished_fit_resumed(tmp_path: Path, resume: bool, **kwargs: Any) -> tuple[dict, SynapticScaling]:
@@ -417,21 +421,27 @@ def test_sharded_strategy_is_refused() -> None:
 # -------------------------------------------------------------------- DDP
 
 
-def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("output_targets", [False, True], ids=["default", "output-targets"])
+def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path, output_targets: bool) -> None:
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}:{HERE}"}
     subprocess.run(
-        [sys.executable, str(HERE / "scripts" / "ddp_train.py"), "--out", str(tmp_path)],
+        [sys.executable, str(HERE / "scripts" / "ddp_train.py"), "--out", str(tmp_path),
+         *(["--output-targets"] if output_targets else [])],
         check=True, env=env, cwd=tmp_path, timeout=240, capture_output=True,
     )
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
-    assert r0["ssr"]["step"] > 0 and r0["ssr"]["tasks"] == 1
+    assert r0["ssr"]["step"] > 0 and r0["ssr"]["tasks"] == (2 if output_targets else 1)
     for k in r0["params"]:
         assert_close(r1["params"][k], r0["params"][k], rtol=0, atol=0)
-    for name, layer in r0["ssr"]["layers"].items():
-        for key, value in layer.items():
-            if isinstance(value, torch.Tensor):
-                assert_close(r1["ssr"]["layers"][name][key], value, rtol=0, atol=0, equal_nan=True)
+    for group in ("layers", "outputs"):
+        for name, layer in r0["ssr"][group].items():
+            for key, value in layer.items():
+                if isinstance(value, torch.Tensor):
+                    assert_close(r1["ssr"][group][name][key], value, rtol=0, atol=0, equal_nan=True)
+    if output_targets:  # output importance from the targets: classes 0 and 1, then class 2
+        importance = r0["ssr"]["outputs"]["net.4"]["importance"]
+        assert bool((importance > 0).all())
     # the ranks saw different data: without the cross-process reduction their activity differs
     assert not torch.equal(r0["local_activity"], r1["local_activity"])
 

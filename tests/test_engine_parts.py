@@ -368,3 +368,64 @@ def test_recycling_renews_unused_neurons_the_same_way_every_time() -> None:
     assert torch.equal(again[0].weight, net[0].weight)  # seeded by task and layer: DDP replicas agree
     off, untouched, before = run(0.0)
     assert off.layers["0"].recycled == 0 and torch.equal(untouched[0].weight, before)
+
+
+# ------------------------------------------------------------------------------ output targets
+def _two_tasks(labels_2: tuple[int, ...], **cfg):
+    """An MLP with a 4-unit output trained toward classes 0/1, consolidated, then 10 steps toward
+    ``labels_2``; returns the engine and the gate on the output layer's weights."""
+    from lightning_ssr.core import SSREngine
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+    engine = SSREngine(net, SSRConfig(update_every=5, sense_every=1, warmup_steps=0, scaling_rate=0.0, **cfg))
+    engine.attach()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def train(labels: tuple[int, ...], steps: int) -> None:
+        for i in range(steps):
+            opt.zero_grad()
+            y = torch.tensor(labels).repeat(16)[:16]
+            nn.functional.cross_entropy(net(torch.randn(16, 4) + y.float().view(-1, 1)), y).backward()
+            engine.before_step()
+            opt.step()
+            engine.after_step(opt)
+
+    train((0, 1), 10)
+    engine.consolidate()
+    train(labels_2, 10)
+    gate = next(g for p, _, g in engine.protection.cache if p is net[2].weight)
+    return engine, gate.reshape(4, 16)
+
+
+def test_output_targets_count_the_labels_without_seeing_them() -> None:
+    engine, _ = _two_tasks((2, 3), output_targets=True)
+    out = engine.outputs["2"]
+    assert out.importance[2:].eq(0).all() and out.importance[:2].gt(0).all()  # task 1 trained toward 0 and 1
+    assert out.targets[:2].eq(0).all() and out.targets[2:].gt(0).all()  # task 2 so far: toward 2 and 3
+    assert_close(out.targets.sum(), torch.tensor(10.0))  # ten sensed steps, each a share of 1 over the units
+
+
+def test_output_targets_free_old_classes_and_keep_shared_units_protected() -> None:
+    _, class_gate = _two_tasks((2, 3), output_targets=True)
+    _, winners_gate = _two_tasks((2, 3))
+    _, domain_gate = _two_tasks((0, 1), output_targets=True)
+    assert_close(class_gate[:2], torch.ones(2, 16))  # old classes' units: free once task 2 trains elsewhere
+    assert bool((winners_gate[:2] < 1).any())  # by argmax winners they stay protected
+    assert bool((domain_gate[:2] < 1).any())  # units the new task shares stay protected
+
+
+def test_output_targets_round_trip_through_the_engine_state() -> None:
+    from lightning_ssr.core import SSREngine
+
+    engine, _ = _two_tasks((2, 3), output_targets=True)
+    state = engine.state_dict()
+    assert {"targets", "target_acc"} <= set(state["outputs"]["2"])
+    assert "targets" not in _two_tasks((2, 3))[0].state_dict()["outputs"]["2"]  # only with output_targets
+    twin = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+    restored = SSREngine(twin, SSRConfig(output_targets=True))
+    restored.load_state_dict(state)
+    assert_close(restored.outputs["2"].targets, engine.outputs["2"].targets, rtol=0, atol=0)
+    plain = SSREngine(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4)), SSRConfig(output_targets=True))
+    plain.load_state_dict(_two_tasks((2, 3))[0].state_dict())  # a state saved without them: zeros
+    assert plain.outputs["2"].targets.eq(0).all()

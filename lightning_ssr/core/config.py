@@ -104,6 +104,14 @@ class SSRConfig:
             won the argmax on past tasks, relative to the layer: an output unit "fires" when it
             wins). Synapses into output units that no past task used (new classes) stay free, and
             a head created for a new task is never gated. Default: ``True``.
+        output_targets: with ``protect_output``, output units are weighed by how often they are
+            the *target* (read without labels from the sign of the loss gradient at the output:
+            under cross-entropy each sample's one negative entry) instead of how often they win
+            the argmax, and a synapse into an output unit is protected only as much as the current
+            task also trains toward that unit (its share of the task's targets so far, updated
+            every ``update_every`` steps): the old classes' units are left free in a
+            class-incremental stream, the shared units stay protected in a domain-incremental one.
+            Default: ``False``.
         scale_bias: scale a neuron's bias with its incoming weights. Default: ``True``.
         eps: numerical floor for divisions. Default: ``1e-8``.
 
@@ -137,6 +145,7 @@ class SSRConfig:
     anchor_lr: Optional[float] = None
     gate_outgoing: bool = True
     protect_output: bool = True
+    output_targets: bool = False
     scale_bias: bool = True
     eps: float = field(default=1e-8)
 
@@ -165,7 +174,7 @@ class SSRConfig:
         if self.anchor_lr is not None:
             check_number("anchor_lr", self.anchor_lr, 0.0, math.inf, low_open=True)
         check_number("eps", self.eps, 0.0, 1.0, low_open=True)
-        for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias"):
+        for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias", "output_targets"):
             check_bool(flag, getattr(self, flag))
 
     @classmethod

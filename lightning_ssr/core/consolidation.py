@@ -60,6 +60,8 @@ class Consolidation:
         cfg = self.config
         if st.task_steps > 0:
             use = st.task_grad if by_grad else st.task_activity
+            if st.count_targets and float(st.targets.sum()) > 0:
+                use = st.targets  # an output unit's use is being the target (``output_targets``)
             rel = rules.relative_importance(use / st.task_steps, cfg.eps)
             if cfg.accumulate == "sum":
                 st.importance.add_(rel)
@@ -68,6 +70,7 @@ class Consolidation:
             st.anchor.copy_(st.task_activity / st.task_steps)
         st.task_activity.zero_()
         st.task_grad.zero_()
+        st.targets.zero_()
         st.task_steps = 0
         st.seen = 0
 

@@ -121,7 +121,7 @@ class SSREngine:
         penalty_mode = cfg.protection == "penalty" and cfg.consolidation > 0
         self.sensor = ActivitySensor(self.layers, self.outputs, self.phi,
                                      keep_live=(lambda: self.tasks > 0) if penalty_mode else None,
-                                     sense=lambda: self.task_step % self._sense_period == 0)
+                                     sense=lambda: self.task_step % self._sense_period == 0, count_targets=cfg.output_targets)
         self.homeostasis = Homeostasis(cfg)
         self.consolidation = Consolidation(cfg)
         self.protection = Protection(cfg)
@@ -228,6 +228,8 @@ class SSREngine:
             )
             return False
         warm = self.task_step > cfg.warmup_steps
+        if cfg.output_targets and self.protecting and self.outputs:
+            self._build_gates()  # the output layer's gates follow this task's targets so far
         with torch.no_grad():
             for st, batch in split_means(active, means):
                 st.seen += 1

@@ -114,7 +114,11 @@ class Protection:
             elif kind == "cols":
                 gate = gate * st.gate.view(1, -1, 1)
             else:  # hebb: a synapse between an important output unit and an important neuron
-                post = other.importance.view(-1, 1, 1)
+                post = other.importance
+                if self.config.output_targets and float(other.targets.sum()) > 0:
+                    # protected only as much as the current task trains toward the unit
+                    post = post * (other.targets / other.targets.max())
+                post = post.view(-1, 1, 1)
                 gate = gate / (1.0 + st.strength * post * st.importance.view(1, -1, 1))
         if p.dim() >= 2 and p.shape[1] == producer.n:  # one input channel per producer neuron
             return None, gate.view(p.shape[0], producer.n, *([1] * (p.dim() - 2)))

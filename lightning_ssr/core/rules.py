@@ -17,6 +17,7 @@ __all__ = [
     "winner_counts",
     "ema_update",
     "scaling_factor",
+    "target_counts",
     "norm_factor",
     "relative_importance",
     "protection_gate",
@@ -74,6 +75,23 @@ def winner_counts(output: Tensor, channel_dim: int) -> Tensor:
     n = z.shape[cdim]
     wins = z.argmax(cdim).flatten()
     return torch.bincount(wins, minlength=n).float().div_(max(wins.numel(), 1))
+
+
+def target_counts(grad: Tensor, channel_dim: int) -> Tensor:
+    """How often each unit along ``channel_dim`` is the target, per position, in float32: the units
+    where the loss gradient at the output is negative. Under cross-entropy, ``dL/dz = p - y`` is
+    negative exactly at each sample's label, so no label is needed.
+
+    Example:
+        >>> z, y = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]]), torch.tensor([2, 2])
+        >>> g = torch.autograd.functional.jacobian(lambda t: torch.nn.functional.cross_entropy(t, y), z)
+        >>> target_counts(g, -1)
+        tensor([0., 0., 1.])
+    """
+    g = grad.detach()
+    cdim = channel_dim % g.dim()
+    dims = [d for d in range(g.dim()) if d != cdim]
+    return (g < 0).sum(dim=dims).float().div_(max(g.numel() // g.shape[cdim], 1))
 
 
 def ema_update(average: Tensor, value: Tensor, steps_seen: int, tau: float) -> Tensor:

@@ -3,7 +3,9 @@
 Part 1 of the mechanism. A hook on every tracked layer adds ``phi(z)``, averaged over the batch
 and positions, to the layer's accumulator; :meth:`ActivitySensor.flush` turns what was summed
 since the last update into one flat float32 tensor of per-neuron means, averaged across processes.
-Output layers are sensed too, with "fires when it wins the argmax" as their activity.
+Output layers are sensed too, with "fires when it wins the argmax" as their activity, and with
+``output_targets`` also by how often each unit is the target (the one entry per sample where the
+loss gradient at the output is negative, as under cross-entropy), counted in a gradient hook.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class ActivitySensor:
             loss-side penalty) once ``keep_live()`` returns true.
         sense: whether this step's forwards are sensed, asked at each forward (the engine senses
             one optimizer step in ``sense_every``); ``None`` senses every forward.
+        count_targets: also count, on the output layers, how often each unit is the target
+            (:func:`~lightning_ssr.core.rules.target_counts`, in a gradient hook); the counts
+            travel in the same flush and add up in each output state's ``targets``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -56,9 +61,12 @@ class ActivitySensor:
         phi: Callable[[Tensor], Tensor],
         keep_live: Optional[Callable[[], bool]] = None,
         sense: Optional[Callable[[], bool]] = None,
+        count_targets: bool = False,
     ) -> None:
         self.layers = layers
         self.outputs = outputs
+        for st in outputs.values():
+            st.count_targets = count_targets
         self.phi = phi
         self.keep_live = keep_live
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -110,6 +118,11 @@ class ActivitySensor:
             if sensing:
                 st.acc.add_(rules.winner_counts(output, cdim) if output_layer else rules.neuron_activity(output, phi, cdim))
                 st.acc_count += 1
+                if output_layer and st.count_targets and output.requires_grad:
+                    def count_targets(grad: Tensor) -> None:  # reads the gradient, returns nothing
+                        st.target_acc.add_(rules.target_counts(grad, cdim))
+
+                    output.register_hook(count_targets)
             if live:  # the penalty needs this step's differentiable activity, sensed or not
                 a = phi(output.float().clone())  # an in-place activation may overwrite ``output`` next
                 dims = [d for d in range(a.dim()) if d != (cdim % a.dim())]
@@ -136,13 +149,18 @@ class ActivitySensor:
         active = [st for st in self.states() if st.acc_count > 0]
         if not active:
             return None
-        means = torch.cat([st.acc / st.acc_count for st in active])
+        counting = [st for st in self.outputs.values() if st.count_targets]
+        flat = torch.cat([st.acc / st.acc_count for st in active] + [st.target_acc for st in counting])
         if reduce_fn is not None:
-            means = reduce_fn(means)
+            flat = reduce_fn(flat)  # one collective for the activity and the targets alike
+        size = sum(st.n for st in active)
+        for st, part in split_means(counting, flat[size:]):
+            st.targets.add_(part)
+            st.target_acc.zero_()
         for st in active:
             st.acc.zero_()
             st.acc_count = 0
-        return active, means
+        return active, flat[:size]
 
 
 def split_means(active: Sequence[LayerState], means: Tensor) -> list[tuple[LayerState, Tensor]]:

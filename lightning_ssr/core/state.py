@@ -11,11 +11,13 @@ from torch import Tensor, nn
 
 from lightning_ssr.core.layers import channel_dim, num_neurons
 
-__all__ = ["LayerState", "STATE_FIELDS"]
+__all__ = ["LayerState", "STATE_FIELDS", "TARGET_FIELDS"]
 
 #: Per-neuron tensors every tracked layer keeps; all O(neurons), float32.
 STATE_FIELDS = ("acc", "activity", "set_point", "norm_target", "task_activity", "task_grad",
                 "importance", "anchor", "factor")
+#: Per-unit tensors of output layers that count targets (``output_targets``) on top.
+TARGET_FIELDS = ("target_acc", "targets")
 _COUNTERS = ("acc_count", "seen", "task_steps")
 _FLAGS = ("has_set_point", "has_norm_target")
 
@@ -29,6 +31,8 @@ class LayerState:
         set_point: per-neuron target activity (NaN until measured).
         norm_target: per-neuron set point of the incoming-weight norm (NaN until measured).
         task_activity / task_grad: sums over the current task, for importance.
+        target_acc / targets: output layers with ``output_targets``: each unit's share of the
+            targets since the last flush, and over the current task (reduced across processes).
         importance: accumulated importance over finished tasks.
         anchor: mean activity on the last finished task (the penalty's reference).
         factor: the last combined scale factor applied (for diagnostics).
@@ -52,6 +56,10 @@ class LayerState:
         nans = lambda: torch.full((self.n,), math.nan, dtype=torch.float32, device=dev)  # noqa: E731
         self.acc, self.activity, self.task_activity, self.task_grad = zeros(), zeros(), zeros(), zeros()
         self.importance, self.anchor = zeros(), zeros()
+        #: Output layers with ``output_targets``: how often each unit was the target, since the last
+        #: flush (``target_acc``) and over the current task so far (``targets``, reduced across processes).
+        self.target_acc, self.targets = zeros(), zeros()
+        self.count_targets = False
         self.set_point, self.norm_target = nans(), nans()
         self.factor = torch.ones(self.n, dtype=torch.float32, device=dev)
         self.acc_count = 0
@@ -74,7 +82,7 @@ class LayerState:
 
     def to(self, device: torch.device) -> None:
         """Move every per-neuron tensor (and the gate) to ``device``."""
-        for f in STATE_FIELDS:
+        for f in STATE_FIELDS + TARGET_FIELDS:
             setattr(self, f, getattr(self, f).to(device))
         if self.gate is not None:
             self.gate = self.gate.to(device)
@@ -96,7 +104,7 @@ class LayerState:
 
     def tensors(self) -> dict[str, Tensor]:
         """The per-neuron tensors by name (live references, not copies)."""
-        return {f: getattr(self, f) for f in STATE_FIELDS}
+        return {f: getattr(self, f) for f in STATE_FIELDS + (TARGET_FIELDS if self.count_targets else ())}
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of every tensor, counter and flag: what resuming needs."""
@@ -109,11 +117,13 @@ class LayerState:
         Raises:
             ValueError: the saved state is for a layer of another width (names the layer and both widths).
         """
-        for f in STATE_FIELDS:
+        fields = STATE_FIELDS + (TARGET_FIELDS if self.count_targets else ())
+        state = {**{f: torch.zeros(self.n) for f in TARGET_FIELDS}, **state}  # saved without output_targets
+        for f in fields:
             if tuple(state[f].shape) != (self.n,):
                 raise ValueError(f"SSR state for layer {self.name!r} holds {state[f].numel()} values of {f!r}, but "
                                  f"the layer has {self.n} neurons: the state is from a model of another width")
-        for f in STATE_FIELDS:
+        for f in fields:
             setattr(self, f, state[f].detach().clone().to(device=self.device, dtype=torch.float32))
         for k in _COUNTERS:
             setattr(self, k, int(state[k]))

@@ -38,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--wandb", action="store_true")
+    parser.add_argument("--output-targets", action="store_true",
+                        help="SSR with output_targets, and a second (class-incremental) task trained toward class 2")
     args = parser.parse_args()
     out = Path(args.out)
     L.seed_everything(0)
@@ -48,7 +50,11 @@ def main() -> None:
     model = Classifier()
     local: dict[str, torch.Tensor] = {}
     model.net[0].register_forward_hook(lambda m, i, o: local.__setitem__("a", torch.relu(o.detach()).mean(0)))
-    cb = SynapticScaling(scaling_rate=0.5, set_point="layer_mean", warmup_steps=1, consolidation=1.0, update_every=2)
+    cb = SynapticScaling(scaling_rate=0.5, set_point="layer_mean", warmup_steps=1, consolidation=1.0, update_every=2,
+                         output_targets=args.output_targets)
+    if args.output_targets:
+        y = y.clamp(max=1)  # task 1: classes 0 and 1
+        loader = DataLoader(TensorDataset(x, y), batch_size=16)
     logger = False
     if args.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -60,6 +66,11 @@ def main() -> None:
         use_distributed_sampler=True, callbacks=[cb],
     )
     trainer.fit(model, loader)
+    if args.output_targets:  # task 2: class 2 only; the output gates then follow its targets
+        trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            use_distributed_sampler=True, callbacks=[cb])
+        trainer.fit(model, DataLoader(TensorDataset(x, torch.full_like(y, 2)), batch_size=16))
     rank = trainer.global_rank
     torch.save(
         {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
