@@ -228,8 +228,8 @@ class SSREngine:
             )
             return False
         warm = self.task_step > cfg.warmup_steps
-        if cfg.output_targets and self.protecting and self.outputs:
-            self._build_gates()  # the output layer's gates follow this task's targets so far
+        if cfg.output_targets and self.protecting:
+            self.protection.refresh_output_gates()  # they follow this task's targets so far
         with torch.no_grad():
             for st, batch in split_means(active, means):
                 st.seen += 1

@@ -124,6 +124,14 @@ class Protection:
             return None, gate.view(p.shape[0], producer.n, *([1] * (p.dim() - 2)))
         return (p.shape[0], producer.n, -1), gate  # inputs are the producer's channels x positions
 
+    def refresh_output_gates(self) -> None:
+        """New target shares on the output layer (``output_targets``): recompute only the gates of
+        the synapses into it (the other gates depend on importance, which changes at task ends)."""
+        for i, (p, views) in enumerate(self.gated if self._cache else ()):
+            if any(kind == "hebb" for kind, _, _ in views):
+                shape, gate = self.gate_of(p, views)
+                self._cache[i] = (p, shape, gate.to(device=p.device, dtype=p.dtype))
+
     @property
     def cache(self) -> list[tuple[nn.Parameter, Optional[tuple[int, ...]], Tensor]]:
         """Per gated parameter: its view shape (``None``: none needed) and combined gate (empty while
