@@ -95,7 +95,7 @@ class Anchoring:
                 "for a pull of anchor_rate per step whatever the learning rate"
             )
         lrs = None
-        if self.reference_lr is not None and optimizer is not None:
+        if self.reference_lr is not None:
             lrs = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
         with torch.no_grad():
             for p, shape, gate in cache:
@@ -103,7 +103,7 @@ class Anchoring:
                 if anchor is None:
                     continue
                 factor = 1.0
-                if lrs is not None and self.reference_lr is not None:
+                if lrs is not None:
                     factor = min(lrs.get(id(p), self.reference_lr) / self.reference_lr, 1.0 / self.rate)
                 cached = self._weights.get(id(p))
                 if cached is None or cached[0] is not gate or cached[1] != factor:  # derive again

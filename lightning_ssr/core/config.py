@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -172,7 +171,7 @@ class SSRConfig:
         check_choice("protection", self.protection, _PROTECTIONS)
         check_number("anchor_rate", self.anchor_rate, 0.0, 1.0, low_open=True)
         if self.anchor_lr is not None:
-            check_number("anchor_lr", self.anchor_lr, 0.0, math.inf, low_open=True)
+            check_number("anchor_lr", self.anchor_lr, 0.0, low_open=True)
         check_number("eps", self.eps, 0.0, 1.0, low_open=True)
         for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias", "output_targets"):
             check_bool(flag, getattr(self, flag))

@@ -117,7 +117,7 @@ class LayerState:
         Raises:
             ValueError: the saved state is for a layer of another width (names the layer and both widths).
         """
-        fields = STATE_FIELDS + (TARGET_FIELDS if self.count_targets else ())
+        fields = tuple(self.tensors())
         state = {**{f: torch.zeros(self.n) for f in TARGET_FIELDS}, **state}  # saved without output_targets
         for f in fields:
             if tuple(state[f].shape) != (self.n,):
