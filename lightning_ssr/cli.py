@@ -26,10 +26,9 @@ def auto_workers() -> int:
         >>> 1 <= auto_workers() <= MAX_AUTO_WORKERS
         True
     """
-    import os
+    from lightning_ssr.bench.options import available_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, MAX_AUTO_WORKERS))
+    return max(1, min(available_cores(), MAX_AUTO_WORKERS))
 
 
 def _workers(text: str) -> int:

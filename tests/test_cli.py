@@ -84,6 +84,9 @@ def test_workers_default_to_one_per_core() -> None:
 
     assert build_parser().parse_args(["bench"]).workers == auto_workers()
     assert auto_workers() == max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+    from lightning_ssr.bench.options import available_cores
+
+    assert available_cores() == len(os.sched_getaffinity(0))
     assert build_parser().parse_args(["bench", "--workers", "3"]).workers == 3
 
 
@@ -198,4 +201,4 @@ def test_worker_processes_give_the_same_figures_as_one_process(tmp_path: Path) -
 
     assert run(2) == run(1)
     meta = json.loads((tmp_path / "2" / "digits-split5-domain" / "results.json").read_text())["meta"]
-    assert meta["workers"] == 2 and meta["threads"] == max(1, (os.cpu_count() or 1) // 2)  # each worker's
+    assert meta["workers"] == 2 and meta["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # each worker's

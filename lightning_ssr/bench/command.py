@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from lightning_ssr.bench.methods import Method, resolve_methods
-from lightning_ssr.bench.options import BenchOptions
+from lightning_ssr.bench.options import BenchOptions, available_cores
 
 if TYPE_CHECKING:  # torch, Lightning and Avalanche load inside run_bench, after the workers have started
     from lightning_ssr.bench.runner import RunSettings
@@ -119,9 +119,7 @@ def _start_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: i
 
 def _worker_threads(workers: int) -> int:
     """The torch threads of each of ``workers`` worker processes: their share of the CPU cores."""
-    import os
-
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, available_cores() // workers)
 
 
 def _init_worker(opts: BenchOptions, threads: int) -> None:

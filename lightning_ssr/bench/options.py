@@ -10,7 +10,19 @@ from lightning_ssr.bench.methods import DEFAULT_METHODS, resolve_methods
 from lightning_ssr.bench.presets import PRESETS
 from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 
-__all__ = ["BenchOptions"]
+__all__ = ["BenchOptions", "available_cores"]
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform has one), at least 1.
+
+    Example:
+        >>> available_cores() >= 1
+        True
+    """
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
