@@ -102,6 +102,11 @@ def test_time_ratio_compares_cpu_time_where_both_runs_measured_it() -> None:
     wall_only = StreamResult("y", acc, 1, train_time_s=[2.0])  # an older result: wall time for both
     rows = summarize({"naive": [naive], "y": [wall_only]}, {"naive": "naive", "y": "naive"})
     assert rows[1]["time_ratio_mean"] == pytest.approx(0.5)
+    acc2 = [[0.9, 0.1], [0.8, 0.9]]
+    full = StreamResult("naive", acc2, 2, train_time_s=[4.0, 4.0], train_cpu_s=[1.0, 1.0])
+    partial = StreamResult("z", acc2, 2, train_time_s=[2.0, 2.0], train_cpu_s=[1.5])  # resumed: CPU of task 2 only
+    rows = summarize({"naive": [full], "z": [partial]}, {"naive": "naive", "z": "naive"})
+    assert rows[1]["time_ratio_mean"] == pytest.approx(0.5)  # wall time, not 1.5 / 2
 
 
 def test_console_script_help() -> None:

@@ -54,8 +54,10 @@ def summarize(runs: Mapping[str, Sequence[StreamResult]], baselines: Mapping[str
 
 
 def _train_seconds(result: StreamResult, other: StreamResult) -> float:
-    """``result``'s training time: CPU seconds where both runs have them, else wall seconds."""
-    if result.train_cpu_s and other.train_cpu_s:
+    """``result``'s training time: CPU seconds where both runs have them for every experience (a
+    run resumed from a checkpoint written before they were recorded has them for the later ones
+    only), else wall seconds."""
+    if all(r.train_cpu_s and len(r.train_cpu_s) == len(r.train_time_s) for r in (result, other)):
         return sum(result.train_cpu_s)
     return sum(result.train_time_s)
 
