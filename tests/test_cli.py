@@ -70,6 +70,7 @@ def test_search_budget_chooses_on_validation_and_records_it(tmp_path: Path) -> N
         (["--workers", "0"], "`workers` must be an int >= 1, got 0"),
         (["--workers", "many"], "argument --workers: must be 'auto' or an int >= 1, got 'many'"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+        (["--tasks", "3"], "`n_tasks` must be one of [2, 5] for protocol='split'"),
     ],
 )
 def test_bad_options_give_clear_errors(argv, message, capsys) -> None:
@@ -207,3 +208,24 @@ def test_worker_processes_give_the_same_figures_as_one_process(tmp_path: Path) -
     assert run(2) == run(1)
     meta = json.loads((tmp_path / "2" / "digits-split5-domain" / "results.json").read_text())["meta"]
     assert meta["workers"] == 2 and meta["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # each worker's
+
+
+_MAIN_PROBE = """
+import sys
+from lightning_ssr.bench import BenchOptions, run_bench
+opts = BenchOptions(scenarios=("domain",), methods="ssr", seeds=1, epochs=1, train_subset=30, test_subset=20,
+                    hidden=16, search_budget=1, out={out!r}, plots=False, progress=False, workers=2)
+report = run_bench(opts, echo=lambda s: None)
+print("acc", report["domain"]["runs"]["ssr"][0].average_accuracy)
+print("heavy", sorted(m for m in ("lightning", "avalanche", "torchmetrics", "torchvision", "sklearn") if m in sys.modules))
+"""
+
+
+def test_with_workers_the_main_process_imports_neither_lightning_nor_avalanche(tmp_path: Path) -> None:
+    """The workers train; the main process reads their results with torch alone (and checks the data),
+    so that it does not take CPU from them for imports it does not need."""
+    out = subprocess.run([sys.executable, "-c", _MAIN_PROBE.format(out=str(tmp_path))], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "heavy ['sklearn']" in out.stdout, out.stdout  # the digits' loader, for the data check
+    assert 0.0 <= float(out.stdout.split("acc ")[1].split()[0]) <= 1.0

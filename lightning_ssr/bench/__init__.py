@@ -10,7 +10,8 @@ from lightning_ssr._lazy import lazy_exports
 if TYPE_CHECKING:
     from lightning_ssr.bench.command import BenchOptions, run_bench
     from lightning_ssr.bench.methods import METHODS, Method, resolve_methods
-    from lightning_ssr.bench.runner import RunSettings, run_method
+    from lightning_ssr.bench.runner import run_method
+    from lightning_ssr.bench.settings import RunSettings
 
 __all__ = ["METHODS", "BenchOptions", "Method", "RunSettings", "resolve_methods", "run_bench", "run_method"]
 
@@ -20,6 +21,6 @@ __getattr__, __dir__ = lazy_exports(globals(), {
     "METHODS": "lightning_ssr.bench.methods",
     "Method": "lightning_ssr.bench.methods",
     "resolve_methods": "lightning_ssr.bench.methods",
-    "RunSettings": "lightning_ssr.bench.runner",
+    "RunSettings": "lightning_ssr.bench.settings",
     "run_method": "lightning_ssr.bench.runner",
 })

@@ -122,6 +122,13 @@ def _worker_threads(workers: int) -> int:
     return max(1, available_cores() // workers)
 
 
+def _check_data(opts: BenchOptions) -> None:
+    """Load the dataset once (downloading it with ``opts.download``): a missing file fails here, clearly."""
+    from lightning_ssr.data.benchmarks import load_dataset
+
+    load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)
+
+
 def _init_worker(opts: BenchOptions, threads: int) -> None:
     """A worker's start (here, so that the pool starts before this process imports torch)."""
     from lightning_ssr.bench.workers import init_worker
@@ -176,6 +183,8 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
         logger_factory = wandb_logger_factory(opts.wandb_project, opts.out)
     plan = {s: resolve_methods(opts.methods, s) for s in opts.scenarios}
     workers = opts.workers if logger_factory is None else 1  # loggers live in this process
+    if workers > 1 and opts.download:
+        _check_data(opts)  # one download, before any worker reads the files
     with contextlib.ExitStack() as stack:
         pool, jobs = _start_workers(opts, plan, workers) if workers > 1 else (None, {})  # they start meanwhile
         if pool is not None:
@@ -190,11 +199,18 @@ def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, p
     import torch
 
     from lightning_ssr.bench.report import format_table, plot_results, summarize, write_results
-    from lightning_ssr.bench.workers import benchmark_of, settings_of
+    from lightning_ssr.bench.settings import settings_of
+    from lightning_ssr.data.benchmarks import stream_length
 
     settings = settings_of(opts)
-    benches = {s: benchmark_of(opts, s) for s in opts.scenarios}
-    n_tasks = next(iter(benches.values())).n_tasks
+    n_tasks = stream_length(opts.protocol, opts.n_tasks)
+    benches: dict[str, ContinualBenchmark] = {}
+    if pool is None:
+        from lightning_ssr.bench.workers import benchmark_of
+
+        benches = {s: benchmark_of(opts, s) for s in opts.scenarios}
+    elif not opts.download:  # the workers build the benchmarks (and import Avalanche); here only a clear
+        _check_data(opts)    # error early if the data is missing, with torch alone
     total = 0
     for s, methods in plan.items():
         for m in methods:

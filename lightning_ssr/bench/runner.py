@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_ssr.bench.methods import Method
 from lightning_ssr.bench.models import make_model
+from lightning_ssr.bench.settings import RunSettings
 from lightning_ssr.continual import ClassifierModule, StreamResult, fit_stream, seed_stream
 from lightning_ssr.data import ContinualBenchmark
 
@@ -20,31 +20,6 @@ __all__ = ["RunSettings", "run_method", "validation_benchmark", "state_bytes"]
 
 #: Called once per finished training experience (drives the progress bar).
 Tick = Callable[[], None]
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The budget every method gets alike: network, optimizer, epochs (or iterations), batch size.
-
-    With ``iterations`` set, every method trains exactly that many mini-batches per task (the
-    published protocols count iterations), whatever ``epochs`` says.
-    """
-
-    hidden: int = 400
-    layers: int = 2
-    lr: float = 1e-3
-    epochs: int = 1
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    iterations: Optional[int] = None
-
-    @property
-    def max_epochs(self) -> int:
-        """Epochs to allow: ``epochs``, or with ``iterations`` enough for them (every epoch has a batch)."""
-        return self.iterations if self.iterations is not None else self.epochs
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def validation_benchmark(bench: ContinualBenchmark, fraction: float = 0.2, seed: int = 0) -> ContinualBenchmark:

@@ -12,6 +12,7 @@ which worker ran it or when.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -19,19 +20,14 @@ import torch
 
 from lightning_ssr.bench.methods import METHODS, Method
 from lightning_ssr.bench.options import BenchOptions
-from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
+from lightning_ssr.bench.runner import run_method, validation_benchmark
+from lightning_ssr.bench.settings import RunSettings, settings_of
 from lightning_ssr.continual import StreamResult
 from lightning_ssr.data import ContinualBenchmark, make_benchmark
 
 __all__ = ["benchmark_of", "init_worker", "method_job", "search_method", "settings_of", "warm_up"]
 
 _STATE: dict[str, Any] = {}
-
-
-def settings_of(opts: BenchOptions) -> RunSettings:
-    """The budget every method gets alike, from the options."""
-    return RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size,
-                       iterations=opts.iterations)
 
 
 def benchmark_of(opts: BenchOptions, scenario: str) -> ContinualBenchmark:
@@ -68,6 +64,10 @@ def init_worker(opts: BenchOptions, threads: int) -> None:
     from lightning_ssr.bench.command import quiet_warnings
 
     quiet_warnings()
+    # Importing Lightning switches torch to NVML's CUDA check (PYTORCH_NVML_BASED_CUDA_CHECK=1, which
+    # spares a process that forks later), and torch then asks NVML again at every Adam step (~90 us,
+    # a few % of a step here). A worker is spawned, never forks and trains on the CPU: the plain check.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     torch.set_num_threads(threads)
     _STATE.update(opts=opts, settings=settings_of(opts), benches={}, vals={})
     warm_up(_bench(opts.scenarios[0]), _STATE["settings"])

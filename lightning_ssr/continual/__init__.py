@@ -8,20 +8,27 @@
 * :class:`ExperienceAccuracy` (a torchmetrics ``Metric``), :func:`average_accuracy`,
   :func:`average_forgetting`, :func:`forgetting`, :func:`backward_transfer` and
   :class:`StreamResult`, with Avalanche's definitions.
+
+Each name is imported on first use (so reading a :class:`StreamResult` needs torch alone).
 """
 
-from lightning_ssr.continual.metrics import (
-    ExperienceAccuracy,
-    StreamResult,
-    average_accuracy,
-    average_forgetting,
-    backward_transfer,
-    plasticity,
-    forgetting,
-)
-from lightning_ssr.continual.module import OPTIMIZERS, ClassifierModule, unpack_batch
-from lightning_ssr.continual.runner import StreamRunner, fit_stream
-from lightning_ssr.continual.seeding import PURPOSES, seed_stream, stream_seed
+from typing import TYPE_CHECKING
+
+from lightning_ssr._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lightning_ssr.continual.accuracy import ExperienceAccuracy
+    from lightning_ssr.continual.metrics import (
+        StreamResult,
+        average_accuracy,
+        average_forgetting,
+        backward_transfer,
+        forgetting,
+        plasticity,
+    )
+    from lightning_ssr.continual.module import OPTIMIZERS, ClassifierModule, unpack_batch
+    from lightning_ssr.continual.runner import StreamRunner, fit_stream
+    from lightning_ssr.continual.seeding import PURPOSES, seed_stream, stream_seed
 
 __all__ = [
     "OPTIMIZERS",
@@ -40,3 +47,12 @@ __all__ = [
     "stream_seed",
     "unpack_batch",
 ]
+
+__getattr__, __dir__ = lazy_exports(globals(), {
+    "ExperienceAccuracy": "lightning_ssr.continual.accuracy",
+    **dict.fromkeys(("StreamResult", "average_accuracy", "average_forgetting", "backward_transfer", "forgetting",
+                     "plasticity"), "lightning_ssr.continual.metrics"),
+    **dict.fromkeys(("OPTIMIZERS", "ClassifierModule", "unpack_batch"), "lightning_ssr.continual.module"),
+    **dict.fromkeys(("StreamRunner", "fit_stream"), "lightning_ssr.continual.runner"),
+    **dict.fromkeys(("PURPOSES", "seed_stream", "stream_seed"), "lightning_ssr.continual.seeding"),
+})

@@ -30,8 +30,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_ssr.continual.accuracy import ExperienceAccuracy
 from lightning_ssr.continual.metrics import (
-    ExperienceAccuracy,
     StreamResult,
     average_accuracy,
     average_forgetting,

@@ -12,7 +12,7 @@ from lightning_ssr._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
-    from lightning_ssr.data.benchmarks import ContinualBenchmark, load_dataset, make_benchmark
+    from lightning_ssr.data.benchmarks import ContinualBenchmark, load_dataset, make_benchmark, stream_length
     from lightning_ssr.data.digits import load_digits
     from lightning_ssr.data.idx import IDX_DATASETS, IDX_FILES, DatasetNotFoundError, IdxDataset, default_cache_dir, find_idx_files, load_idx_dataset, prepare_torchvision_root, read_idx, write_idx
     from lightning_ssr.data.tensors import TensorSplit
@@ -35,12 +35,13 @@ __all__ = [
     "make_benchmark",
     "prepare_torchvision_root",
     "read_idx",
+    "stream_length",
     "write_idx",
 ]
 
 __getattr__, __dir__ = lazy_exports(globals(), {
     **dict.fromkeys(('DATASETS', 'PROTOCOLS', 'SCENARIOS'), 'lightning_ssr.data.names'),
-    **dict.fromkeys(('ContinualBenchmark', 'load_dataset', 'make_benchmark'), 'lightning_ssr.data.benchmarks'),
+    **dict.fromkeys(('ContinualBenchmark', 'load_dataset', 'make_benchmark', 'stream_length'), 'lightning_ssr.data.benchmarks'),
     **dict.fromkeys(('load_digits',), 'lightning_ssr.data.digits'),
     **dict.fromkeys(('IDX_DATASETS', 'IDX_FILES', 'DatasetNotFoundError', 'IdxDataset', 'default_cache_dir', 'find_idx_files', 'load_idx_dataset', 'prepare_torchvision_root', 'read_idx', 'write_idx'), 'lightning_ssr.data.idx'),
     **dict.fromkeys(('TensorSplit',), 'lightning_ssr.data.tensors'),

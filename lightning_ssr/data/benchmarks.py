@@ -33,7 +33,7 @@ from lightning_ssr.data.idx import PathLike, load_idx_dataset
 from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 from lightning_ssr.data.tensors import TensorSplit
 
-__all__ = ["DATASETS", "PROTOCOLS", "SCENARIOS", "ContinualBenchmark", "load_dataset", "make_benchmark"]
+__all__ = ["DATASETS", "PROTOCOLS", "SCENARIOS", "ContinualBenchmark", "load_dataset", "make_benchmark", "stream_length"]
 
 
 
@@ -172,6 +172,45 @@ def _avalanche_dataset(x: Tensor, y: Tensor, task: int, perm: Tensor | None) -> 
     return _make_taskaware_classification_dataset(_ImageDataset(x, targets, perm), targets=targets, task_labels=task)
 
 
+def stream_length(protocol: str = "split", n_tasks: int | None = None) -> int:
+    """The number of experiences :func:`make_benchmark` builds for ``protocol`` and ``n_tasks``, checked.
+
+    Needs no data (the benchmark's main process reads it before any benchmark is built).
+
+    Args:
+        protocol: ``"split"`` or ``"permuted"``. Default: ``"split"``.
+        n_tasks: the number asked for: Split 2 or 5, Permuted 1 to 100; ``None`` for the
+            protocol's default (5 for Split, 10 for Permuted). Default: ``None``.
+
+    Raises:
+        ValueError / TypeError: ``protocol`` or ``n_tasks`` is not allowed.
+
+    Example:
+        >>> stream_length("split"), stream_length("permuted"), stream_length("permuted", 20)
+        (5, 10, 20)
+        >>> stream_length("split", 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: `n_tasks` must be one of [2, 5] for protocol='split' (10 classes in equal groups of at least two), got 3
+    """
+    check_choice("protocol", protocol, PROTOCOLS)
+    if protocol == "split":
+        allowed = (2, 5)
+        if n_tasks is None:
+            return 5
+        check_int("n_tasks", n_tasks, 1)
+        if n_tasks not in allowed:
+            raise ValueError(
+                f"`n_tasks` must be one of {list(allowed)} for protocol='split' (10 classes in equal "
+                f"groups of at least two), got {n_tasks!r}"
+            )
+        return n_tasks
+    if n_tasks is None:
+        return 10
+    check_int("n_tasks", n_tasks, 1, _MAX_PERMUTED_TASKS)
+    return n_tasks
+
+
 def make_benchmark(
     dataset: str = "digits",
     protocol: str = "split",
@@ -246,22 +285,9 @@ def make_benchmark(
     check_int("train_subset", train_subset, 1, optional=True)
     check_int("test_subset", test_subset, 1, optional=True)
     check_int("pad", pad, 0, 64)
-    if protocol == "split":
-        allowed = (2, 5)
-        if n_tasks is None:
-            n_tasks = 5
-        check_int("n_tasks", n_tasks, 1)
-        if n_tasks not in allowed:
-            raise ValueError(
-                f"`n_tasks` must be one of {list(allowed)} for protocol='split' (10 classes in equal "
-                f"groups of at least two), got {n_tasks!r}"
-            )
-    else:
-        if n_tasks is None:
-            n_tasks = 10
-        check_int("n_tasks", n_tasks, 1, _MAX_PERMUTED_TASKS)
-        if class_order is not None:
-            raise ValueError(f"`class_order` applies to protocol='split' only, got {class_order!r} with 'permuted'")
+    n_tasks = stream_length(protocol, n_tasks)
+    if protocol == "permuted" and class_order is not None:
+        raise ValueError(f"`class_order` applies to protocol='split' only, got {class_order!r} with 'permuted'")
 
     data = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, download=download)
     if pad:

@@ -1,0 +1,47 @@
+"""The training budget every method gets alike (no torch import: the main process reads it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from lightning_ssr.bench.options import BenchOptions
+
+__all__ = ["RunSettings", "settings_of"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The budget every method gets alike: network, optimizer, epochs (or iterations), batch size.
+
+    With ``iterations`` set, every method trains exactly that many mini-batches per task (the
+    published protocols count iterations), whatever ``epochs`` says.
+    """
+
+    hidden: int = 400
+    layers: int = 2
+    lr: float = 1e-3
+    epochs: int = 1
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    iterations: Optional[int] = None
+
+    @property
+    def max_epochs(self) -> int:
+        """Epochs to allow: ``epochs``, or with ``iterations`` enough for them (every epoch has a batch)."""
+        return self.iterations if self.iterations is not None else self.epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def settings_of(opts: BenchOptions) -> RunSettings:
+    """The budget every method gets alike, from the options.
+
+    Example:
+        >>> settings_of(BenchOptions(epochs=2)).epochs, settings_of(BenchOptions(protocol="permuted")).hidden
+        (2, 1000)
+    """
+    return RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size,
+                       iterations=opts.iterations)
