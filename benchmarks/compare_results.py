@@ -2,7 +2,7 @@
 
 The recorded check that a refactoring changed no result: run the same fixed-seed benchmark on
 two checkouts and compare. Every number in every ``results.json`` must be equal (NaN equals NaN);
-wall, train and eval times and the command line are skipped.
+wall, train, CPU and eval times and the command line are skipped.
 
 Usage::
 
@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 #: Keys whose values legitimately differ between two runs of the same benchmark: any key naming
-#: a time, and the command line and output folder the run was given.
+#: a time (wall or CPU), and the command line and output folder the run was given.
 SKIPPED = {"command", "out"}
 
 
 def _skipped(key: str) -> bool:
-    return key in SKIPPED or "time" in key
+    return key in SKIPPED or "time" in key or key.endswith("cpu_s")
 
 
 def _equal(a: Any, b: Any) -> bool:

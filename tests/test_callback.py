@@ -421,7 +421,7 @@ def test_sharded_strategy_is_refused() -> None:
 # -------------------------------------------------------------------- DDP
 
 
-@pytest.mark.parametrize("output_targets", [False, True], ids=["default", "output-targets"])
+@pytest.mark.parametrize("output_targets", [False, True], ids=["output-wins", "output-targets"])
 def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path, output_targets: bool) -> None:
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}:{HERE}"}
     subprocess.run(

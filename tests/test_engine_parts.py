@@ -408,7 +408,7 @@ def test_output_targets_count_the_labels_without_seeing_them() -> None:
 
 def test_output_targets_free_old_classes_and_keep_shared_units_protected() -> None:
     _, class_gate = _two_tasks((2, 3), output_targets=True)
-    _, winners_gate = _two_tasks((2, 3))
+    _, winners_gate = _two_tasks((2, 3), output_targets=False)
     _, domain_gate = _two_tasks((0, 1), output_targets=True)
     assert_close(class_gate[:2], torch.ones(2, 16))  # old classes' units: free once task 2 trains elsewhere
     assert bool((winners_gate[:2] < 1).any())  # by argmax winners they stay protected
@@ -421,11 +421,11 @@ def test_output_targets_round_trip_through_the_engine_state() -> None:
     engine, _ = _two_tasks((2, 3), output_targets=True)
     state = engine.state_dict()
     assert {"targets", "target_acc"} <= set(state["outputs"]["2"])
-    assert "targets" not in _two_tasks((2, 3))[0].state_dict()["outputs"]["2"]  # only with output_targets
+    assert "targets" not in _two_tasks((2, 3), output_targets=False)[0].state_dict()["outputs"]["2"]  # only with them
     twin = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
     restored = SSREngine(twin, SSRConfig(output_targets=True))
     restored.load_state_dict(state)
     assert_close(restored.outputs["2"].targets, engine.outputs["2"].targets, rtol=0, atol=0)
     plain = SSREngine(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4)), SSRConfig(output_targets=True))
-    plain.load_state_dict(_two_tasks((2, 3))[0].state_dict())  # a state saved without them: zeros
+    plain.load_state_dict(_two_tasks((2, 3), output_targets=False)[0].state_dict())  # saved without them: zeros
     assert plain.outputs["2"].targets.eq(0).all()
