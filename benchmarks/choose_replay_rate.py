@@ -11,6 +11,7 @@ Usage::
     python benchmarks/choose_replay_rate.py                                  # digits, class-IL
     python benchmarks/choose_replay_rate.py --scenario domain
     python benchmarks/choose_replay_rate.py --dataset fmnist --rates 0.1 0.05 0.02
+    python benchmarks/choose_replay_rate.py --rates 0.02 --output-targets both   # output_targets beside replay
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="candidate anchor rates (0.1 is the library's default)")
     parser.add_argument("--mem-size", type=int, default=200, help="replay buffer size, the same for every row")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--output-targets", default="off", choices=["off", "on", "both"],
+                        help="SSR's output_targets beside replay: off (the bench's ssr-replay), on (the library's "
+                             "default) or both, a row each")
     args = parser.parse_args(argv)
     quiet_warnings()
     bench = make_benchmark(args.dataset, "split", args.scenario, 5, seed=0)
@@ -40,8 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     s = (RunSettings(hidden=400, epochs=5, batch_size=32) if args.dataset == "digits"
          else RunSettings(hidden=400, epochs=1, batch_size=128))
     rows = {"replay": (METHODS["replay"], {"mem_size": args.mem_size})}
+    targets = {"off": [False], "on": [True], "both": [False, True]}[args.output_targets]
     for rate in args.rates:
-        rows[f"ssr-replay a={rate}"] = (METHODS["ssr-replay"], {"mem_size": args.mem_size, "anchor_rate": rate})
+        for on in targets:
+            name = f"ssr-replay a={rate}" + (" targets" if on else "")
+            rows[name] = (METHODS["ssr-replay"], {"mem_size": args.mem_size, "anchor_rate": rate, "output_targets": on})
     print(f"{args.dataset} split, {args.scenario}-incremental, validation splits, buffer {args.mem_size}, "
           f"{args.seeds} seeds: average accuracy % (plasticity %)")
     for name, (method, hp) in rows.items():
