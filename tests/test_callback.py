@@ -116,7 +116,7 @@ def test_bf16_mixed_keeps_float32_statistics() -> None:
 def test_each_fit_consolidates_a_task_and_protection_slows_important_neurons() -> None:
     torch.manual_seed(1)
     net = tiny_mlp()
-    cb = SynapticScaling(consolidation=50.0, protection="update")
+    cb = SynapticScaling(consolidation=50.0, protection="update", min_plasticity=0.0)  # the full strength
     model = Classifier(net, lr=0.2)
     _trainer([cb]).fit(model, _loader(seed=1))
     assert cb.engine.tasks == 1

@@ -232,7 +232,7 @@ def test_protection_lowers_strength_only_on_a_layer_whose_capacity_is_taken() ->
     prot.refresh({"0": full, "2": sparse}, {}, consolidated=set(), protecting=True)
     assert abs(full.strength - 1.0) < 1e-4 and torch.allclose(full.gate, torch.full((6,), 0.5), atol=1e-4)
     assert sparse.strength == 10.0
-    prot = Protection(SSRConfig(consolidation=10.0))  # the fixed strength of earlier versions
+    prot = Protection(SSRConfig(consolidation=10.0, min_plasticity=0.0))  # one fixed strength (earlier default)
     prot.refresh({"0": full, "2": sparse}, {}, consolidated=set(), protecting=True)
     assert full.strength == 10.0
 

@@ -34,7 +34,7 @@ class Protection:
         >>> st = LayerState("0", net[0])
         >>> st.importance.fill_(1.0)
         tensor([1., 1.])
-        >>> prot = Protection(SSRConfig(consolidation=1.0, protection="gradient"))
+        >>> prot = Protection(SSRConfig(consolidation=1.0, protection="gradient", min_plasticity=0.0))
         >>> prot.refresh({"0": st}, {}, consolidated=set(), protecting=True)
         >>> net(torch.ones(1, 3)).sum().backward()
         >>> g = net[0].weight.grad.clone()
