@@ -4,7 +4,8 @@ At the learning rate 0.0001 of van de Ven & Tolias's Permuted MNIST, a fixed pul
 ``anchor_rate=0.1`` of the distance to the anchor every step leaves protected synapses almost no
 room: SSR falls far below plain training. This script scores plain training, SSR with fixed pulls
 (``anchor_lr=None``, one row per ``--rates`` value) and SSR with the pull scaled by the learning
-rate (``anchor_rate=0.1, anchor_lr=--anchor-lr``: ``0.1 * lr / anchor_lr`` per step) at each
+rate (``anchor_rate=0.1, anchor_lr=--anchor-lr``: ``0.1 * min(lr / anchor_lr, 1)`` per step, the
+library's default since it was chosen with this script) at each
 learning rate of ``--lrs``, on the validation split of the training data
 (``validation_benchmark``; the test set is never used).
 
@@ -73,7 +74,7 @@ def main() -> None:
                 elif hp["anchor_lr"] is None:
                     label = f"ssr anchor_rate={hp['anchor_rate']:g}"
                 else:
-                    label = f"ssr anchor_lr={hp['anchor_lr']:g} (pull {hp['anchor_rate'] * lr / hp['anchor_lr']:.3g})"
+                    label = f"ssr anchor_lr={hp['anchor_lr']:g} (pull {hp['anchor_rate'] * min(lr / hp['anchor_lr'], 1.0):.3g})"
                 print(f"{label:<36} {acc:5.1f} ({plasticity:.1f})", flush=True)
 
 

@@ -22,7 +22,7 @@ def _train_steps(engine: SSREngine, net: nn.Module, steps: int, x: torch.Tensor,
         net(x).sum().backward()
         engine.before_step()
         opt.step()
-        engine.after_step()
+        engine.after_step(opt)
 
 
 # ------------------------------------------------------------------ rules
@@ -485,7 +485,7 @@ def test_channels_last_weights_train_as_contiguous_ones(protection: str) -> None
                 net(x).pow(2).mean().backward()
                 engine.before_step()
                 opt.step()
-                engine.after_step()
+                engine.after_step(opt)
             engine.consolidate()
         return net
 

@@ -279,6 +279,21 @@ def test_anchor_lr_scales_the_pull_with_the_learning_rate() -> None:
     assert not torch.allclose(scaled_net[0].weight, strong_net[0].weight)  # the scaling did something
 
 
+def test_by_default_the_pull_shrinks_with_a_learning_rate_below_1e_3_and_holds_above() -> None:
+    """Library defaults (``anchor_lr=1e-3``): at lr 1e-4 the pull is a tenth of ``anchor_rate``; at
+    lr 1e-2 it is ``anchor_rate`` itself, as with ``anchor_lr=None``."""
+    assert SSRConfig().anchor_lr == 1e-3
+    for lr, fixed_rate in ((1e-4, 0.01), (1e-2, 0.1)):
+        runs = []
+        for cfg in ({}, {"anchor_rate": fixed_rate, "anchor_lr": None}):
+            _, net, train = _engine_after_one_task(lr=lr, protection="anchor", **cfg)
+            torch.manual_seed(1)
+            train(10, 2.0)
+            runs.append(net)
+        for a, b in zip(*(net.parameters() for net in runs)):
+            assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_anchor_lr_needs_the_optimizer_once_a_task_is_protected() -> None:
     engine, net, _ = _engine_after_one_task(protection="anchor", anchor_lr=1e-3)
     net(torch.randn(8, 4)).sum().backward()
@@ -287,7 +302,7 @@ def test_anchor_lr_needs_the_optimizer_once_a_task_is_protected() -> None:
         engine.after_step()
 
 
-def test_anchoring_follows_the_learning_rate_and_caps_at_a_full_pull() -> None:
+def test_anchoring_shrinks_below_the_reference_learning_rate_and_never_grows_above_it() -> None:
     from lightning_ssr.core.anchoring import Anchoring
 
     p = nn.Parameter(torch.zeros(1, 2))
@@ -295,7 +310,7 @@ def test_anchoring_follows_the_learning_rate_and_caps_at_a_full_pull() -> None:
     anchoring = Anchoring(rate=0.5, reference_lr=0.1)
     anchoring.set_anchors([p])
     optimizer = torch.optim.SGD([p], lr=0.1)
-    for lr, expected in ((0.1, 0.5), (0.05, 0.75), (10.0, 0.0)):  # pulls 0.5, 0.25, capped at 1
+    for lr, expected in ((0.1, 0.5), (0.05, 0.75), (10.0, 0.5)):  # pulls 0.5, 0.25, and 0.5 above the reference
         with torch.no_grad():
             p.fill_(1.0)
         optimizer.param_groups[0]["lr"] = lr  # as a scheduler sets it

@@ -114,6 +114,8 @@ METHODS: dict[str, Method] = {
              min_plasticity=0.0),
         _ssr("ssr-capacity", "SSR ablation: capacity-adaptive strength at 0.5 (each layer keeps half its plasticity)",
              min_plasticity=0.5),
+        _ssr("ssr-fixed-pull", "SSR ablation: the anchoring pull fixed per step, not shrunk with a learning rate below "
+             "1e-3 (the earlier default)", anchor_lr=None),
         _ssr("ssr-recycle", "SSR ablation: recycle neurons of importance below 0.1 at each task's end", recycle_below=0.1),
         _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),

@@ -14,6 +14,12 @@ where the task's gradient and the pull balance, as under a quadratic penalty, bu
 applied in place after the step (decoupled, as AdamW decouples weight decay), so it also works
 where the front end cannot change the loss. It costs one copy of the gated weights (half of EWC's
 state), saved in the engine's ``state_dict``.
+
+Adam moves a weight by about the learning rate per step, so a synapse settles about
+``lr / (anchor_rate * (1 - gate))`` from its anchor: at a small learning rate a fixed pull holds the
+new task's learning ever closer to the old weights. Below a reference learning rate (``anchor_lr``)
+the pull therefore shrinks in proportion to the learning rate, as AdamW's decoupled weight decay
+does; at or above it the pull stays ``anchor_rate``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class Anchoring:
     Args:
         rate: ``anchor_rate``, the fraction of the distance to the anchor removed per step from a
             fully protected synapse (gate 0); ``0`` switches anchoring off.
+        reference_lr: ``anchor_lr``: below this learning rate the pull shrinks in proportion
+            (``rate * lr / reference_lr``); at or above it the pull is ``rate``. ``None``: ``rate``
+            whatever the learning rate.
 
     Example:
         >>> lin = nn.Linear(2, 1, bias=False)
@@ -79,9 +88,9 @@ class Anchoring:
         Args:
             cache: the gated parameters with their gates.
             optimizer: with a ``reference_lr``, the optimizer that took the step: each parameter's
-                ``factor = lr / reference_lr`` from its parameter group (at most ``1 / rate``, a
-                full pull), so the pull scales with the learning rate as AdamW's decoupled weight
-                decay does. Without a ``reference_lr``, ``factor = 1``.
+                ``factor = min(lr / reference_lr, 1)`` from its parameter group, so below the
+                reference the pull shrinks with the learning rate as AdamW's decoupled weight decay
+                does, and above it stays ``rate``. Without a ``reference_lr``, ``factor = 1``.
 
         Raises:
             ValueError: with a ``reference_lr`` but no ``optimizer``.
@@ -104,7 +113,7 @@ class Anchoring:
                     continue
                 factor = 1.0
                 if lrs is not None:
-                    factor = min(lrs.get(id(p), self.reference_lr) / self.reference_lr, 1.0 / self.rate)
+                    factor = min(lrs.get(id(p), self.reference_lr) / self.reference_lr, 1.0)
                 cached = self._weights.get(id(p))
                 if cached is None or cached[0] is not gate or cached[1] != factor:  # derive again
                     cached = self._weights[id(p)] = (gate, factor, (self.rate * factor) * (1.0 - gate))
