@@ -195,7 +195,9 @@ class SSREngine:
         and rescales each neuron's incoming weights.
 
         Args:
-            optimizer: the optimizer of the step; with ``anchor_lr`` its learning rates scale the pull.
+            optimizer: the optimizer of the step. Needed once a task is protected under anchoring
+                with an ``anchor_lr`` (the default): its learning rates set the pull. Without one a
+                ``ValueError`` says so; ``SSRConfig(anchor_lr=None)`` needs none.
 
         Returns:
             Whether a homeostatic update was made this step (see :meth:`diagnostics`).
