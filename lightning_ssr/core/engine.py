@@ -195,9 +195,7 @@ class SSREngine:
         and rescales each neuron's incoming weights.
 
         Args:
-            optimizer: the optimizer of the step. Needed once a task is protected under anchoring
-                with an ``anchor_lr`` (the default): its learning rates set the pull. Without one a
-                ``ValueError`` says so; ``SSRConfig(anchor_lr=None)`` needs none.
+            optimizer: the optimizer of the step; its learning rates set the pull (``anchor_lr``).
 
         Returns:
             Whether a homeostatic update was made this step (see :meth:`diagnostics`).
