@@ -25,6 +25,7 @@ import statistics
 from lightning_ssr.bench.command import quiet_warnings
 from lightning_ssr.bench.methods import METHODS
 from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
+from lightning_ssr.core.anchoring import lr_factor
 from lightning_ssr.data import make_benchmark
 
 
@@ -74,7 +75,7 @@ def main() -> None:
                 elif hp["anchor_lr"] is None:
                     label = f"ssr anchor_rate={hp['anchor_rate']:g}"
                 else:
-                    label = f"ssr anchor_lr={hp['anchor_lr']:g} (pull {hp['anchor_rate'] * min(lr / hp['anchor_lr'], 1.0):.3g})"
+                    label = f"ssr anchor_lr={hp['anchor_lr']:g} (pull {hp['anchor_rate'] * lr_factor(lr, hp['anchor_lr']):.3g})"
                 print(f"{label:<36} {acc:5.1f} ({plasticity:.1f})", flush=True)
 
 

@@ -32,10 +32,20 @@ from torch import Tensor, nn
 
 from lightning_ssr.core.protection import as_view
 
-__all__ = ["Anchoring"]
+__all__ = ["Anchoring", "lr_factor"]
 
 #: ``(parameter, view shape or None, combined gate)`` as :class:`~lightning_ssr.core.protection.Protection` caches it.
 CacheEntry = tuple[nn.Parameter, Optional[tuple[int, ...]], Tensor]
+
+
+def lr_factor(lr: float, reference_lr: float) -> float:
+    """How much of ``anchor_rate`` the pull keeps at learning rate ``lr``: ``min(lr / reference_lr, 1)``.
+
+    Example:
+        >>> lr_factor(1e-4, 1e-3), lr_factor(3e-3, 1e-3)
+        (0.1, 1.0)
+    """
+    return min(lr / reference_lr, 1.0)
 
 
 class Anchoring:
@@ -113,7 +123,7 @@ class Anchoring:
                     continue
                 factor = 1.0
                 if lrs is not None:
-                    factor = min(lrs.get(id(p), self.reference_lr) / self.reference_lr, 1.0)
+                    factor = lr_factor(lrs.get(id(p), self.reference_lr), self.reference_lr)
                 cached = self._weights.get(id(p))
                 if cached is None or cached[0] is not gate or cached[1] != factor:  # derive again
                     cached = self._weights[id(p)] = (gate, factor, (self.rate * factor) * (1.0 - gate))
