@@ -12,6 +12,13 @@ Usage::
     python benchmarks/choose_defaults.py                       # digits, the three scenarios
     python benchmarks/choose_defaults.py --streams all --seeds 2
     python benchmarks/choose_defaults.py --candidates '{"fixed": {"min_plasticity": 0.0}}'
+    python benchmarks/choose_defaults.py --streams fmnist-permuted10-domain --baselines mas,lwf --seeds 3
+
+``--baselines`` scores bench methods (e.g. MAS, LwF) on the same validation splits at their first
+setting, as ``lightning-ssr bench --search-budget 1`` runs them, so a candidate can be compared with
+the method it must beat without touching a test set. The streams need Fashion-MNIST
+(``apt-get install dataset-fashion-mnist``) and, for ``mnist-permuted10-domain`` (in ``all``),
+MNIST in the cache (``make mnist``).
 
 Prints one table; ``--json FILE`` also writes every figure.
 """
@@ -52,6 +59,10 @@ class Stream:
     epochs: int
     train_subset: int | None = None
     hidden: int | None = None
+    lr: float = 1e-3
+    iterations: int | None = None
+    pad: int = 0
+    test_subset: int | None = None
 
 
 STREAMS: dict[str, Stream] = {s.name: s for s in (
@@ -63,11 +74,15 @@ STREAMS: dict[str, Stream] = {s.name: s for s in (
     Stream("fmnist-split-class", "fmnist", "split", "class", 5, 1),
     Stream("fmnist-permuted10-domain", "fmnist", "permuted", "domain", 10, 1, 10000),
     Stream("fmnist-permuted20-domain", "fmnist", "permuted", "domain", 20, 1, 5000),
+    # van de Ven & Tolias's Permuted MNIST at the bench's reduced budget (``--preset vdv2019-permuted``)
+    Stream("mnist-permuted10-domain", "mnist", "permuted", "domain", 10, 1, 10000, lr=1e-4, iterations=100,
+           pad=2, test_subset=1000),
 )}
 DIGITS = ("digits-task", "digits-domain", "digits-class")
 
 
-def run(streams: list[Stream], candidates: dict[str, dict[str, Any]], seeds: int) -> dict[str, Any]:
+def run(streams: list[Stream], candidates: dict[str, dict[str, Any]], seeds: int,
+        baselines: tuple[str, ...] = ()) -> dict[str, Any]:
     from lightning_ssr.bench.command import quiet_warnings
     from lightning_ssr.bench.methods import METHODS, Method
     from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
@@ -76,17 +91,21 @@ def run(streams: list[Stream], candidates: dict[str, dict[str, Any]], seeds: int
     quiet_warnings()
     out: dict[str, Any] = {}
     for st in streams:
-        bench = make_benchmark(st.dataset, st.protocol, st.scenario, st.tasks, seed=0, train_subset=st.train_subset)
+        bench = make_benchmark(st.dataset, st.protocol, st.scenario, st.tasks, seed=0, train_subset=st.train_subset,
+                               test_subset=st.test_subset, pad=st.pad)
         val = validation_benchmark(bench, 0.2, seed=0)
         hidden = st.hidden or (1000 if st.protocol == "permuted" else 400)
-        s = RunSettings(hidden=hidden, epochs=st.epochs, batch_size=32 if st.dataset == "digits" else 128)
+        s = RunSettings(hidden=hidden, epochs=st.epochs, batch_size=32 if st.dataset == "digits" else 128,
+                        lr=st.lr, iterations=st.iterations)
         rows: dict[str, Any] = {}
-        for name, hp in {"naive": None, **candidates}.items():
-            method = METHODS["naive-lightning"] if hp is None else Method(f"ssr:{name}", "lightning", name)
+        methods = [("naive", METHODS["naive-lightning"], {})]
+        methods += [(b, METHODS[b], METHODS[b].candidates(1)[0]) for b in baselines]  # the bench's first setting
+        methods += [(name, Method(f"ssr:{name}", "lightning", name), hp) for name, hp in candidates.items()]
+        for name, method, hp in methods:
             acc, plast, secs = [], [], []
             for seed in range(seeds):
                 t0 = time.perf_counter()
-                r = run_method(method, hp or {}, val, s, seed)
+                r = run_method(method, hp, val, s, seed)
                 secs.append(time.perf_counter() - t0)
                 acc.append(r.average_accuracy)
                 plast.append(r.plasticity)
@@ -102,7 +121,7 @@ def table(results: dict[str, Any], candidates: list[str]) -> str:
     streams = list(results)
     head = f"{'candidate':<18}" + "".join(f"{s[:22]:>24}" for s in streams) + f"{'worst gap':>11}{'mean gap':>10}"
     lines = ["validation average accuracy % (plasticity %); gap = candidate - naive, points", head]
-    for name in ["naive", *candidates]:
+    for name in ["naive", *[n for n in next(iter(results.values())) if n not in ("naive", *candidates)], *candidates]:
         cells, gaps = [], []
         for s in streams:
             r = results[s][name]
@@ -119,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", default=None,
                         help="JSON object name -> SSR keyword arguments (default: the built-in candidates)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per candidate (default: 2)")
+    parser.add_argument("--baselines", default="",
+                        help="comma-separated bench methods (e.g. mas,lwf) to score beside, at their first setting")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     args = parser.parse_args(argv)
     names = list(STREAMS) if args.streams == "all" else [n.strip() for n in args.streams.split(",")]
@@ -126,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--streams: unknown {unknown}; choose from {list(STREAMS)} or 'all'")
     candidates = json.loads(args.candidates) if args.candidates else CANDIDATES
-    results = run([STREAMS[n] for n in names], candidates, args.seeds)
+    baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    from lightning_ssr.bench.methods import METHODS
+
+    bad = [b for b in baselines if b not in METHODS]
+    if bad:
+        parser.error(f"--baselines: unknown {bad}; choose from {sorted(METHODS)}")
+    results = run([STREAMS[n] for n in names], candidates, args.seeds, baselines)
     print(table(results, list(candidates)))
     if args.json:
         with open(args.json, "w") as f:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
-from conftest import needs_mnist, run_script
+from conftest import ROOT, needs_mnist, run_script
 
 
 def test_callback_overhead_prints_pair_ratios_and_the_time_inside_ssr() -> None:
@@ -56,3 +58,19 @@ def test_anchor_rate_vs_lr_scores_each_rate_on_validation() -> None:
     assert "validation split" in out
     for label in ("naive-lightning", "ssr anchor_rate=0.1 ", "ssr anchor_rate=0.01"):
         assert re.search(rf"^{re.escape(label)}\s*\d+\.\d \(\d+\.\d\)$", out, re.M), out
+
+
+def test_choose_defaults_scores_baselines_beside_the_candidates() -> None:
+    out = run_script("benchmarks/choose_defaults.py", "--streams", "digits-task", "--seeds", "1", "--baselines", "mas",
+                     "--candidates", '{"weak": {"consolidation": 1.0}}')
+    rows = {line.split()[0]: line for line in out.splitlines()[-3:]}
+    assert list(rows) == ["naive", "mas", "weak"], out  # plain training, the baseline, then each candidate
+    for row in rows.values():
+        acc, plasticity = map(float, re.findall(r"(\d+\.\d) \(\s*(\d+\.\d)\)", row)[0])
+        assert 50.0 < acc <= 100.0 and 50.0 < plasticity <= 100.0, row
+
+
+def test_choose_defaults_rejects_an_unknown_baseline() -> None:
+    out = subprocess.run([sys.executable, "benchmarks/choose_defaults.py", "--baselines", "nope"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 2 and "--baselines: unknown ['nope']" in out.stderr, out.stderr
