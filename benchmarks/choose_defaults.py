@@ -117,11 +117,11 @@ def run(streams: list[Stream], candidates: dict[str, dict[str, Any]], seeds: int
     return out
 
 
-def table(results: dict[str, Any], candidates: list[str]) -> str:
+def table(results: dict[str, Any], candidates: list[str], baselines: tuple[str, ...] = ()) -> str:
     streams = list(results)
     head = f"{'candidate':<18}" + "".join(f"{s[:22]:>24}" for s in streams) + f"{'worst gap':>11}{'mean gap':>10}"
     lines = ["validation average accuracy % (plasticity %); gap = candidate - naive, points", head]
-    for name in ["naive", *[n for n in next(iter(results.values())) if n not in ("naive", *candidates)], *candidates]:
+    for name in ["naive", *baselines, *candidates]:
         cells, gaps = [], []
         for s in streams:
             r = results[s][name]
@@ -153,8 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     bad = [b for b in baselines if b not in METHODS]
     if bad:
         parser.error(f"--baselines: unknown {bad}; choose from {sorted(METHODS)}")
+    for b in baselines:
+        if b == "naive":
+            parser.error("--baselines: plain training is always the first row ('naive', through the Lightning runner)")
+        if b in candidates:
+            parser.error(f"--baselines: {b!r} is also the name of a candidate; rename the candidate")
+        cannot = [n for n in names if STREAMS[n].scenario not in METHODS[b].scenarios]
+        if cannot:
+            parser.error(f"--baselines: {b!r} runs only in {list(METHODS[b].scenarios)}, not in the streams {cannot}")
     results = run([STREAMS[n] for n in names], candidates, args.seeds, baselines)
-    print(table(results, list(candidates)))
+    print(table(results, list(candidates), baselines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

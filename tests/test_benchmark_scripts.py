@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, needs_mnist, run_script
 
 
@@ -70,7 +71,11 @@ def test_choose_defaults_scores_baselines_beside_the_candidates() -> None:
         assert 50.0 < acc <= 100.0 and 50.0 < plasticity <= 100.0, row
 
 
-def test_choose_defaults_rejects_an_unknown_baseline() -> None:
-    out = subprocess.run([sys.executable, "benchmarks/choose_defaults.py", "--baselines", "nope"], capture_output=True,
-                         text=True, cwd=ROOT)
-    assert out.returncode == 2 and "--baselines: unknown ['nope']" in out.stderr, out.stderr
+@pytest.mark.parametrize("argv, message", [
+    (["--baselines", "nope"], "--baselines: unknown ['nope']"),
+    (["--streams", "digits-domain", "--baselines", "pnn"], "'pnn' runs only in ['task'], not in the streams ['digits-domain']"),
+    (["--baselines", "mas", "--candidates", '{"mas": {}}'], "'mas' is also the name of a candidate"),
+])
+def test_choose_defaults_refuses_baselines_it_cannot_run(argv: list[str], message: str) -> None:
+    out = subprocess.run([sys.executable, "benchmarks/choose_defaults.py", *argv], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
