@@ -15,7 +15,9 @@ Three measurements, printed as markdown tables:
 The defaults are sized for 2 CPU cores (about 8 minutes, 1 torch thread); batches below 16 train
 on ``--small-batch-fraction`` of the subset, as their steps are slow on CPU. ``--train-size``,
 ``--resnet-train-size``, ``--epochs`` and ``--seeds`` scale it. Adam, ``lr`` scaled by
-``sqrt(batch / 64)``. ``--norms ... ssr-nogain ssr-noproj`` adds SSRNorm's ablations.
+``sqrt(batch / 64)``. ``--norms ... ssr-nogain ssr-noproj`` adds SSRNorm's ablations, and
+``ssr-eager`` SSRNorm with ``kernel="eager"`` (its Python path; ``ssr`` runs the native kernel
+where it is available, which the script prints).
 
 Example::
 
@@ -23,7 +25,7 @@ Example::
     python benchmarks/norm_layers.py --models cnn --norms batch ssr ssr-nogain ssr-noproj --seeds 3
     python benchmarks/norm_layers.py --dataset digits --quick
     python benchmarks/norm_layers.py --ssr momentum=0.03 gain_rate=0.0
-    python benchmarks/norm_layers.py --timing-only --norms batch ssr --batch-sizes 1 2 8 64
+    python benchmarks/norm_layers.py --timing-only --norms batch ssr ssr-eager --batch-sizes 1 2 8 64
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lightning_ssr.norm import SSRNorm1d, SSRNorm2d  # noqa: E402
+from lightning_ssr.norm.native import KernelUnavailableError, load_kernel  # noqa: E402
 
 NORMS = ("batch", "group", "layer", "none", "ssr")
 #: Ablations of SSRNorm, run with ``--norms ... ssr-nogain ssr-noproj``.
-ABLATIONS = {"ssr-nogain": {"gain_rate": 0.0}, "ssr-noproj": {"project_gradient": False}}
+ABLATIONS = {"ssr-nogain": {"gain_rate": 0.0}, "ssr-noproj": {"project_gradient": False},
+             "ssr-eager": {"kernel": "eager"}}
 NORM_NAMES = {"batch": "BatchNorm", "group": "GroupNorm", "layer": "LayerNorm", "none": "none", "ssr": "SSRNorm",
-              "ssr-nogain": "SSRNorm, no gain", "ssr-noproj": "SSRNorm, no projection"}
+              "ssr-nogain": "SSRNorm, no gain", "ssr-noproj": "SSRNorm, no projection",
+              "ssr-eager": "SSRNorm, Python path"}
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -259,10 +264,19 @@ def _parse_ssr(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def kernel_status() -> str:
+    """Which path ``ssr`` runs in: the native kernel's build, or why it is not available."""
+    try:
+        return f"loaded from {load_kernel().__file__}"
+    except KernelUnavailableError as err:
+        return f"not available, SSRNorm runs its Python path ({err})"
+
+
 def layer_timing(args: argparse.Namespace, ssr_kwargs: dict[str, Any], results: dict[str, Any]) -> None:
     """Forward+backward time of each layer at each batch size, as ratios to BatchNorm2d, into ``results``."""
     kinds = ["batch"] + [k for k in args.norms if k != "batch"]
     c, h, w = args.timing_shape
+    print(f"# SSRNorm's native kernel: {kernel_status()}", flush=True)
     ratios: dict[int, dict[str, float]] = {}
     for batch in args.batch_sizes:
         reps = max(1, int(2e5 // (batch * c * h * w)) + 1)

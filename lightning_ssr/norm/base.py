@@ -21,6 +21,7 @@ from torch.nn.parameter import Parameter
 from lightning_ssr.core import ReduceFn, rules
 from lightning_ssr.core.config import ActivityFn
 from lightning_ssr.core.validation import check_bool, check_int, check_number
+from lightning_ssr.norm import native
 from lightning_ssr.norm.function import (
     _StateNorm,
     gradient_moments,
@@ -46,6 +47,7 @@ __all__: list[str] = []
 
 _ACTIVITIES = ("square", "abs", "relu")
 _SET_POINTS = ("layer_mean",)
+_KERNELS = ("auto", "native", "eager")
 
 
 def _check_arguments(
@@ -59,6 +61,7 @@ def _check_arguments(
     max_change: float,
     max_gain: float,
     grad_momentum: float,
+    kernel: str,
 ) -> None:
     """Check every constructor argument of :class:`_SSRNorm`; ``flags`` holds the booleans by name."""
     check_int("num_features", num_features, 1)
@@ -80,6 +83,8 @@ def _check_arguments(
     check_number("max_change", max_change, 0.0, 1.0, low_open=True, high_open=True)
     check_number("max_gain", max_gain, 1.0, math.inf, high_open=True)
     check_number("grad_momentum", grad_momentum, 0.0, 1.0, low_open=True)
+    if kernel not in _KERNELS:
+        raise ValueError(f"`kernel` must be one of {list(_KERNELS)}, got {kernel!r}")
 
 
 class _SSRNormBase(nn.Module):
@@ -95,7 +100,7 @@ class _SSRNormBase(nn.Module):
     _version = 3
     __constants__ = [
         "track_running_stats", "momentum", "eps", "num_features", "affine",
-        "gain_rate", "max_change", "max_gain", "auto_update", "project_gradient", "grad_momentum",
+        "gain_rate", "max_change", "max_gain", "auto_update", "project_gradient", "grad_momentum", "kernel",
     ]
     num_features: int
     eps: float
@@ -108,6 +113,7 @@ class _SSRNormBase(nn.Module):
     auto_update: bool
     project_gradient: bool
     grad_momentum: float
+    kernel: str
 
     def __init__(
         self,
@@ -129,6 +135,7 @@ class _SSRNormBase(nn.Module):
         project_gradient: bool = True,
         grad_momentum: float = 0.2,
         process_group: Any = None,
+        kernel: str = "auto",
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -136,8 +143,16 @@ class _SSRNormBase(nn.Module):
             num_features, eps, momentum,
             {"affine": affine, "track_running_stats": track_running_stats, "bias": bias,
              "auto_update": auto_update, "project_gradient": project_gradient},
-            activity, set_point, gain_rate, max_change, max_gain, grad_momentum,
+            activity, set_point, gain_rate, max_change, max_gain, grad_momentum, kernel,
         )
+        if kernel == "native":
+            try:
+                native.load_kernel()
+            except native.KernelUnavailableError as err:
+                raise native.KernelUnavailableError(
+                    f"`kernel='native'` needs SSRNorm's compiled CPU kernel, which is not available: {err}. "
+                    "Use kernel='auto' (the kernel where available) or kernel='eager'"
+                ) from err
 
         self.num_features = num_features
         self.eps = float(eps)
@@ -153,6 +168,7 @@ class _SSRNormBase(nn.Module):
         self.project_gradient = project_gradient
         self.grad_momentum = float(grad_momentum)
         self.process_group = process_group
+        self.kernel = kernel
         #: Combines the flat statistics tensor of one update across processes; ``None`` uses
         #: ``torch.distributed.all_reduce`` when a process group is initialized. See
         #: :meth:`reduce_statistics`.
@@ -197,6 +213,7 @@ class _SSRNormBase(nn.Module):
         self._zeros: Optional[Tensor] = None
         self._grad_stats: Optional[Tensor] = None
         self._grad_steps = 0
+        self._grad_steps_t: Optional[Tensor] = None  # the native kernel's count, see _native_forward
         self._last_moments: Optional[tuple[Tensor, Tensor]] = None
         self.reset_parameters()
 
@@ -218,7 +235,7 @@ class _SSRNormBase(nn.Module):
         self._sums, self._count = None, 0.0
         self._initialized_seen = False
         self._steps_seen = None
-        self._grad_stats, self._grad_steps = None, 0
+        self._grad_stats, self._grad_steps, self._grad_steps_t = None, 0, None
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -243,8 +260,15 @@ class _SSRNormBase(nn.Module):
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}, "
             f"activity={activity!r}, set_point={self.set_point!r}, gain_rate={self.gain_rate}, "
             f"max_change={self.max_change}, max_gain={self.max_gain}, auto_update={self.auto_update}, "
-            f"project_gradient={self.project_gradient}, grad_momentum={self.grad_momentum}"
+            f"project_gradient={self.project_gradient}, grad_momentum={self.grad_momentum}, "
+            f"kernel={self.kernel!r}"
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Layers pickled before the native kernel existed run as before (``kernel="auto"``).
+        state.setdefault("kernel", "auto")
+        state.setdefault("_grad_steps_t", None)
+        super().__setstate__(state)
 
     def _load_from_state_dict(
         self,
@@ -275,7 +299,7 @@ class _SSRNormBase(nn.Module):
         self._sums, self._count = None, 0.0
         self._initialized_seen = False
         self._steps_seen = None
-        self._grad_stats, self._grad_steps = None, 0
+        self._grad_stats, self._grad_steps, self._grad_steps_t = None, 0, None
 
 
 class _SSRNorm(_SSRNormBase):
@@ -294,6 +318,10 @@ class _SSRNorm(_SSRNormBase):
                 f"(got {input.shape[1]} channels)"
             )
         training = self.training
+        if training and self.kernel != "eager":
+            kernel = native.kernel_for(self, input)
+            if kernel is not None:
+                return native.train_forward(kernel, self, input)
         with torch.no_grad():
             if training:
                 moments = batch_moments(input)
@@ -424,6 +452,8 @@ class _SSRNorm(_SSRNormBase):
         ``mean(g u)``, ``mean(u)`` and ``mean(u^2)`` averaged over recent batches (weight
         ``grad_momentum``; kept per process and not saved) instead of taken from the batch alone.
         """
+        if self._grad_steps_t is not None:  # the native kernel counted the last projections
+            self._grad_steps, self._grad_steps_t = int(self._grad_steps_t), None
         stats = gradient_moments(grad_sum, grad_dev_sum, count, moments)
         self._grad_stats, self._grad_steps = update_gradient_moments(
             self._grad_stats, self._grad_steps, stats, self.grad_momentum)

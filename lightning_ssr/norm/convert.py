@@ -17,7 +17,7 @@ __all__ = ["convert_batchnorm", "convert_ssrnorm_to_batchnorm"]
 _STRUCTURAL = ("num_features", "eps", "affine", "track_running_stats", "device", "dtype", "bias")
 #: SSRNorm's own arguments, which :func:`convert_batchnorm` passes on to every new layer.
 _OWN = ("momentum", "activity", "set_point", "gain_rate", "max_change", "max_gain", "auto_update",
-        "project_gradient", "grad_momentum", "process_group")
+        "project_gradient", "grad_momentum", "process_group", "kernel")
 
 
 def _own_kwargs(ssr_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def convert_batchnorm(module: nn.Module, **ssr_kwargs: Any) -> nn.Module:
         module: the model, or a single BatchNorm layer.
         **ssr_kwargs: SSRNorm's own arguments for every new layer (``momentum``, ``activity``,
             ``set_point``, ``gain_rate``, ``max_change``, ``max_gain``, ``auto_update``,
-            ``project_gradient``, ``grad_momentum``, ``process_group``).
+            ``project_gradient``, ``grad_momentum``, ``process_group``, ``kernel``).
 
     Returns:
         The model with its BatchNorm layers replaced (the same object unless ``module`` itself is
@@ -71,7 +71,7 @@ def convert_batchnorm(module: nn.Module, **ssr_kwargs: Any) -> nn.Module:
         >>> net[1]
         SSRNorm2d(8, eps=1e-05, momentum=0.02, affine=True, bias=True, track_running_stats=True,
                   activity='square', set_point=1.0, gain_rate=0.01, max_change=0.01, max_gain=10.0,
-                  auto_update=True, project_gradient=True, grad_momentum=0.2)
+                  auto_update=True, project_gradient=True, grad_momentum=0.2, kernel='auto')
     """
     kwargs = _own_kwargs(dict(ssr_kwargs))
     return _convert_to_ssr(module, kwargs, {})

@@ -128,6 +128,14 @@ class SSRNorm1d(_SSRNorm):
             projection. Default: ``0.2``
         process_group: the process group the statistics are reduced over; ``None`` for the whole
             world. Default: ``None``
+        kernel: how a training call runs: ``"auto"`` in the compiled CPU kernel
+            (:mod:`lightning_ssr.norm.native`: one pass forward, two backward; built once, about
+            30 s, the first time it is needed) where it applies (float32 on the CPU, contiguous,
+            ``activity="square"``, running statistics, ``auto_update=True``, one process) and in
+            Python elsewhere; ``"native"`` the kernel, built at construction, and an error where
+            it cannot run; ``"eager"`` always Python. Both paths compute the same (to float
+            rounding); the first training batch (the warm start) and eval mode are always Python.
+            Default: ``"auto"``
 
     Shape:
         - Input: :math:`(N, C)` or :math:`(N, C, L)`, where :math:`N` is the batch size,
@@ -198,6 +206,8 @@ class SSRNorm2d(_SSRNorm):
             projection. Default: ``0.2``
         process_group: the process group the statistics are reduced over; ``None`` for the whole
             world. Default: ``None``
+        kernel: where a training call runs: ``"auto"`` (the compiled CPU kernel where it
+            applies), ``"native"`` or ``"eager"``; see :class:`SSRNorm1d`. Default: ``"auto"``
 
     Shape:
         - Input: :math:`(N, C, H, W)`
@@ -262,6 +272,8 @@ class SSRNorm3d(_SSRNorm):
             projection. Default: ``0.2``
         process_group: the process group the statistics are reduced over; ``None`` for the whole
             world. Default: ``None``
+        kernel: where a training call runs: ``"auto"`` (the compiled CPU kernel where it
+            applies), ``"native"`` or ``"eager"``; see :class:`SSRNorm1d`. Default: ``"auto"``
 
     Shape:
         - Input: :math:`(N, C, D, H, W)`
