@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[all,dev]"
-	$(PY) -m lightning_ssr.norm.native || echo "SSRNorm's native kernel was not built; the layers use their Python path"
+	$(PY) -m lightning_ssr.norm.build || echo "SSRNorm's native kernel was not built; the layers use their Python path"
 	touch $(STAMP)
 
 bench: setup  ## the main job: SSR against Avalanche's baselines on the embedded digits data

@@ -1,6 +1,6 @@
-"""SSRNorm's compiled CPU kernel (lightning_ssr.norm.native, kernel.cpp): the same arithmetic as the
-Python path, chosen where it applies, refused with a clear error where it cannot run, and built on
-demand (or not, with the reason)."""
+"""SSRNorm's compiled CPU kernel (lightning_ssr.norm.native, .build, kernel.cpp): the same arithmetic
+as the Python path, chosen where it applies, refused with a clear error where it cannot run, and
+built on demand or ahead (or not, with the reason)."""
 
 from __future__ import annotations
 
@@ -211,17 +211,22 @@ print("trained:", [int(m.num_batches_tracked) for m in layers])
     assert "trained: [3, 3]" in out.stdout
     failed = _python(code, tmp_path, CXX="false")  # a compiler that fails
     assert "compiling kernel.cpp with false failed (exit 1)" in failed.stdout, failed.stdout + failed.stderr
+    build = subprocess.run([sys.executable, "-m", "lightning_ssr.norm.build"], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "LIGHTNING_SSR_KERNEL_DIR": str(tmp_path), "CXX": "/nonexistent/c++"})
+    assert build.returncode == 1
+    assert "native kernel is not available: the compiler $CXX='/nonexistent/c++' was not found" in build.stderr
 
 
 def test_build_ahead_into_a_fresh_directory_and_load_it(kernel, tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "lightning_ssr.norm.native"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "lightning_ssr.norm.build"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "LIGHTNING_SSR_KERNEL_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     built = Path(out.stdout.strip())
     assert built.parent == tmp_path and built.is_file() and "compiling SSRNorm's CPU kernel once" in out.stderr
+    assert "Warning" not in out.stderr, out.stderr
     again = _python("from lightning_ssr.norm.native import load_kernel; print(load_kernel(build=False).__file__)",
                     tmp_path, LIGHTNING_SSR_KERNEL_DIR=str(tmp_path))
     assert again.stdout.strip() == str(built) and "compiling" not in again.stderr
     missing = _python("from lightning_ssr.norm.native import load_kernel; load_kernel(build=False)", tmp_path)
     assert isinstance(KernelUnavailableError("x"), RuntimeError)
-    assert "no build at" in missing.stderr and "python -m lightning_ssr.norm.native" in missing.stderr
+    assert "no build at" in missing.stderr and "python -m lightning_ssr.norm.build" in missing.stderr

@@ -5,7 +5,7 @@ call, which at small batches cost more than BatchNorm's whole forward and backwa
 the same arithmetic in one pass over the input forward and two backward (float32, contiguous, on
 the CPU). It is compiled with the C++ compiler (``$CXX``, else ``c++`` or ``g++``) against the
 installed torch the first time it is needed, about 30 s, into :func:`kernel_dir`; later processes
-load the cached build. ``make setup`` builds it ahead (``python -m lightning_ssr.norm.native``).
+load the cached build. ``make setup`` builds it ahead (``python -m lightning_ssr.norm.build``).
 
 Examples::
 
@@ -177,7 +177,7 @@ def load_kernel(build: bool = True) -> ModuleType:
         try:
             path = build_kernel() if build else kernel_path()
             if not path.exists():
-                raise KernelUnavailableError(f"no build at {path} (run `python -m lightning_ssr.norm.native`)")
+                raise KernelUnavailableError(f"no build at {path} (run `python -m lightning_ssr.norm.build`)")
             spec = spec_from_file_location(_MODULE, path, loader=ExtensionFileLoader(_MODULE, str(path)))
             assert spec is not None and spec.loader is not None
             module = module_from_spec(spec)
@@ -235,7 +235,8 @@ def blocker(layer: _SSRNorm, input: Tensor) -> Optional[str]:
     if rm is None:
         return "the kernel needs track_running_stats=True"
     if input.dtype is not torch.float32 or rm.dtype is not torch.float32 or not (input.is_cpu and rm.is_cpu):
-        return f"the kernel takes float32 on the CPU (input {input.dtype} on {input.device}, state {rm.dtype} on {rm.device})"
+        return (f"the kernel takes float32 on the CPU (input {input.dtype} on {input.device}, "
+                f"state {rm.dtype} on {rm.device})")
     if not input.is_contiguous():
         return "the kernel takes input in torch's contiguous layout"
     if not layer._phi_is_square:
@@ -271,11 +272,3 @@ def train_forward(kernel: ModuleType, layer: _SSRNorm, input: Tensor) -> Tensor:
     p, b = layer._parameters, layer._buffers
     return kernel.train_forward(input, p["weight"], p["bias"], b["running_mean"], b["running_var"],
                                 b["running_activity"], b["gain"], b["num_batches_tracked"], gs, steps, params)
-
-
-if __name__ == "__main__":  # python -m lightning_ssr.norm.native: build ahead, print the path
-    try:
-        print(build_kernel())
-    except KernelUnavailableError as err:
-        print(f"SSRNorm's native kernel is not available: {err}", file=sys.stderr)
-        sys.exit(1)
