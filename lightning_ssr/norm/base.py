@@ -213,7 +213,7 @@ class _SSRNormBase(nn.Module):
         self._zeros: Optional[Tensor] = None
         self._grad_stats: Optional[Tensor] = None
         self._grad_steps = 0
-        self._grad_steps_t: Optional[Tensor] = None  # the native kernel's count, see _native_forward
+        self._grad_steps_t: Optional[Tensor] = None  # the native kernel's count, see native.train_forward
         self._last_moments: Optional[tuple[Tensor, Tensor]] = None
         self.reset_parameters()
 
