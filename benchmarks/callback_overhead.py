@@ -200,7 +200,8 @@ def main() -> None:
           f"<= {TARGETS['task 1']}, task 2 (protection on) <= {TARGETS['task 2']}")
     print("in-SSR: 1 + (time inside SSR's code) / (the rest of the fit), measured in-process (steady)")
     print("fastest: the fastest fit with SSR over the fastest without (wall / cpu)")
-    print(f"{'model':<10} {'setting':<7} {'wall ratio':>24} {'cpu ratio':>24} {'fastest':>13} {'in-SSR':>7}  target")
+    print(f"{'model':<10} {'setting':<7} {'wall ratio':>24} {'cpu ratio':>24} {'fastest':>13} "
+          f"{'in-SSR':>7}  target")
     for key in chosen:
         name, make = models[key]
         ratios, inside, fastest = measure(make, args.steps, args.repeats, args.batch_size, args.accelerator,

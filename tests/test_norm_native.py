@@ -211,6 +211,11 @@ print("trained:", [int(m.num_batches_tracked) for m in layers])
     assert "trained: [3, 3]" in out.stdout
     failed = _python(code, tmp_path, CXX="false")  # a compiler that fails
     assert "compiling kernel.cpp with false failed (exit 1)" in failed.stdout, failed.stdout + failed.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    unwritable = _python(code, tmp_path, LIGHTNING_SSR_KERNEL_DIR=str(blocked / "kernels"))
+    assert f"cannot write the build into {blocked / 'kernels'}" in unwritable.stdout, unwritable.stderr
+    assert "trained: [3, 3]" in unwritable.stdout
     build = subprocess.run([sys.executable, "-m", "lightning_ssr.norm.build"], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "LIGHTNING_SSR_KERNEL_DIR": str(tmp_path), "CXX": "/nonexistent/c++"})
     assert build.returncode == 1

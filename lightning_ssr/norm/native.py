@@ -126,12 +126,21 @@ def build_kernel(force: bool = False) -> Path:
         The path of the build.
 
     Raises:
-        KernelUnavailableError: no compiler, or the compilation failed (the message ends with the
-            compiler's last output).
+        KernelUnavailableError: no compiler, the build directory cannot be written, or the
+            compilation failed (the message ends with the compiler's last output).
     """
     path = kernel_path()
     if path.exists() and not force:
         return path
+    try:
+        return _build(path, force)
+    except OSError as err:
+        raise KernelUnavailableError(
+            f"cannot write the build into {path.parent} ({err}); set $LIGHTNING_SSR_KERNEL_DIR to a writable "
+            "directory") from err
+
+
+def _build(path: Path, force: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         try:
@@ -174,8 +183,10 @@ def load_kernel(build: bool = True) -> ModuleType:
             return _loaded
         if _failure is not None:
             raise KernelUnavailableError(_failure)
+        path = kernel_path()
         try:
-            path = build_kernel() if build else kernel_path()
+            if build:
+                build_kernel()
             if not path.exists():
                 raise KernelUnavailableError(f"no build at {path} (run `python -m lightning_ssr.norm.build`)")
             spec = spec_from_file_location(_MODULE, path, loader=ExtensionFileLoader(_MODULE, str(path)))
