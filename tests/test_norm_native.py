@@ -84,6 +84,39 @@ def test_kernel_computes_what_the_python_path_computes(kernel, cls, shape, kwarg
         assert int(fused._grad_steps_t) == eager._grad_steps == 12  # the warm start projects too
 
 
+@pytest.mark.parametrize("mode", ["driven", "reduced"])
+def test_kernel_accumulates_where_the_state_is_updated_later(kernel, mode: str) -> None:
+    """auto_update=False (a driver calls homeostatic_step, as SynapticScaling(drive_norm_layers=True)
+    does) and statistics reduced across processes (here by an identity reduce_fn) run in the kernel
+    too: it adds to the pending sums, and the layer's homeostatic_step applies them."""
+    kwargs = {"auto_update": False} if mode == "driven" else {}
+    eager, fused = _pair(SSRNorm2d, 5, **kwargs)
+    if mode == "reduced":
+        calls = []
+        for m in (eager, fused):
+            m.reduce_fn = lambda flat, calls=calls: calls.append(flat.clone()) or flat
+    nodes = set()
+    for t in range(9):
+        x = (torch.randn(3, 5, 4, 4) * (1 + 0.2 * t) - 1).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        grad = torch.randn(3, 5, 4, 4)
+        y, y2 = eager(x), fused(x2)
+        nodes.add(y2.grad_fn.name())
+        y.backward(grad)
+        y2.backward(grad)
+        if mode == "driven" and t % 2:  # two forwards per update
+            assert eager.homeostatic_step() and fused.homeostatic_step()
+        assert_close(y2, y, rtol=1e-5, atol=1e-5)
+        assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-5)
+    assert "torch::autograd::CppNode<(anonymous namespace)::SSRNormFunction>" in nodes
+    for name, value in eager.state_dict().items():
+        assert_close(fused.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(fused.num_batches_tracked) == (4 if mode == "driven" else 9)
+    if mode == "reduced":
+        assert len(calls) == 18  # one reduction per forward and layer
+        assert_close(calls[-1], calls[-2], rtol=1e-5, atol=1e-4)  # the same flat statistics from both paths
+
+
 def test_kernel_without_input_gradient_and_without_autograd(kernel) -> None:
     eager, fused = _pair(SSRNorm2d, 3)
     for t in range(4):  # the first layer of a network: gradients for the weight and bias only
@@ -141,7 +174,6 @@ def test_native_refuses_what_it_cannot_run_and_auto_falls_back(kernel) -> None:
     for bad, reason in [
         (lambda: SSRNorm1d(3, kernel="native", dtype=torch.float64), "float32 on the CPU"),
         (lambda: SSRNorm1d(3, kernel="native", activity="abs"), "activity='square'"),
-        (lambda: SSRNorm1d(3, kernel="native", auto_update=False), "auto_update=True"),
         (lambda: SSRNorm1d(3, kernel="native", track_running_stats=False), "track_running_stats=True"),
     ]:
         m = bad()

@@ -30,14 +30,17 @@ inline float lerp(float a, float b, float w) {
 
 inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// The layer's hyperparameters, in the order native.py passes them.
+// The layer's hyperparameters, in the order native.py passes them. With `accumulate` the
+// forward adds the batch's statistics, weighted by its element count, to the pending sums (mean,
+// second moment, activity: 3 x C) instead of updating the state (auto_update=False, or a
+// reduction across processes first; the layer's homeostatic_step applies them).
 struct Params {
   double eps, tau, gain_rate, max_change, max_gain, set_point, grad_momentum;
-  bool layer_mean_set_point, project_gradient;
+  bool layer_mean_set_point, project_gradient, accumulate;
   explicit Params(const std::vector<double>& p)
       : eps(p.at(0)), tau(p.at(1)), gain_rate(p.at(2)), max_change(p.at(3)), max_gain(p.at(4)),
         set_point(p.at(5)), grad_momentum(p.at(6)), layer_mean_set_point(p.at(7) != 0.0),
-        project_gradient(p.at(8) != 0.0) {}
+        project_gradient(p.at(8) != 0.0), accumulate(p.at(9) != 0.0) {}
 };
 
 // y = (x - m) * w + b over one row, and sum(x - m), sum((x - m)^2) added to s1, s2.
@@ -103,12 +106,12 @@ struct SSRNormFunction : public torch::autograd::Function<SSRNormFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
                         const std::optional<Tensor>& bias, Tensor running_mean, Tensor running_var,
                         Tensor running_activity, Tensor gain, Tensor num_batches_tracked, Tensor grad_stats,
-                        Tensor grad_steps, std::vector<double> params) {
+                        Tensor grad_steps, Tensor pending, std::vector<double> params) {
     const Params p(params);
     const int64_t N = input.size(0), C = input.size(1), L = input.numel() / std::max<int64_t>(N * C, 1);
     Tensor y = at::empty_like(input);
     Tensor saved = at::empty({5, C}, input.options());
-    const int64_t steps = ++num_batches_tracked.data_ptr<int64_t>()[0];
+    const int64_t steps = p.accumulate ? 1 : ++num_batches_tracked.data_ptr<int64_t>()[0];
     const float wt = static_cast<float>(std::max(1.0 / p.tau, 1.0 / static_cast<double>(std::max<int64_t>(steps, 1))));
     const float* x = input.data_ptr<float>();
     float* out = y.data_ptr<float>();
@@ -119,6 +122,7 @@ struct SSRNormFunction : public torch::autograd::Function<SSRNormFunction> {
     float* ra = running_activity.data_ptr<float>();
     float* gn = gain.data_ptr<float>();
     float* sv = saved.data_ptr<float>();
+    float* sums = p.accumulate ? pending.data_ptr<float>() : nullptr;
     const double count = static_cast<double>(N * L);
     const float eps = static_cast<float>(p.eps);
     at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1)), [&](int64_t c0, int64_t c1) {
@@ -138,12 +142,19 @@ struct SSRNormFunction : public torch::autograd::Function<SSRNormFunction> {
         sv[2 * C + c] = scale;
         sv[3 * C + c] = mean_u;
         sv[4 * C + c] = second;
+        if (sums) {  // weighted by the element count, as the Python path's weighted_sums
+          const float n = static_cast<float>(count);
+          sums[c] += (m + mean_u) * n;
+          sums[C + c] += second * n;
+          sums[2 * C + c] += scale * scale * second * n;
+          continue;
+        }
         rm[c] = lerp(m, m + mean_u, wt);
         rv[c] = lerp(rv[c], second, wt);
         ra[c] = lerp(ra[c], scale * scale * second, wt);
       }
     });
-    if (p.gain_rate > 0.0) {
+    if (p.gain_rate > 0.0 && !sums) {
       float sp = static_cast<float>(p.set_point);
       if (p.layer_mean_set_point) {
         double s = 0.0;
@@ -229,15 +240,17 @@ struct SSRNormFunction : public torch::autograd::Function<SSRNormFunction> {
         }
       }
     });
-    return {dx, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dx,       grad_weight, grad_bias, Tensor(), Tensor(), Tensor(),
+            Tensor(), Tensor(),    Tensor(),  Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor train_forward(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                      Tensor running_mean, Tensor running_var, Tensor running_activity, Tensor gain,
-                     Tensor num_batches_tracked, Tensor grad_stats, Tensor grad_steps, std::vector<double> params) {
+                     Tensor num_batches_tracked, Tensor grad_stats, Tensor grad_steps, Tensor pending,
+                     std::vector<double> params) {
   return SSRNormFunction::apply(input, weight, bias, running_mean, running_var, running_activity, gain,
-                                num_batches_tracked, grad_stats, grad_steps, params);
+                                num_batches_tracked, grad_stats, grad_steps, pending, params);
 }
 
 }  // namespace

@@ -131,8 +131,7 @@ class SSRNorm1d(_SSRNorm):
         kernel: how a training call runs: ``"auto"`` in the compiled CPU kernel
             (:mod:`lightning_ssr.norm.native`: one pass forward, two backward; built once, about
             30 s, the first time it is needed) where it applies (float32 on the CPU, contiguous,
-            ``activity="square"``, running statistics, ``auto_update=True``, one process) and in
-            Python elsewhere; ``"native"`` the kernel, built at construction, and an error where
+            ``activity="square"``, running statistics) and in Python elsewhere; ``"native"`` the kernel, built at construction, and an error where
             it cannot run; ``"eager"`` always Python. Both paths compute the same (to float
             rounding); the first training batch (the warm start) and eval mode are always Python.
             Default: ``"auto"``

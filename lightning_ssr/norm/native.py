@@ -252,10 +252,6 @@ def blocker(layer: _SSRNorm, input: Tensor) -> Optional[str]:
         return "the kernel takes input in torch's contiguous layout"
     if not layer._phi_is_square:
         return "the kernel senses activity='square' only"
-    if not layer.auto_update or layer._count:
-        return "the kernel updates the state in the forward (auto_update=True)"
-    if layer._needs_reduction():
-        return "statistics reduced across processes run in the Python path"
     return None
 
 
@@ -263,6 +259,12 @@ def train_forward(kernel: ModuleType, layer: _SSRNorm, input: Tensor) -> Tensor:
     """One training forward of ``layer`` in the kernel: the Python path's arithmetic (normalize
     with the state, one state update, the projected backward), sharing the running gradient
     moments with it; the kernel counts its projections in a one-element tensor.
+
+    As in the Python path, the state is updated in the forward only with ``auto_update=True``,
+    nothing pending and no reduction across processes; otherwise the kernel adds the batch's
+    statistics to the pending sums, and with ``auto_update=True`` the layer's
+    :meth:`~lightning_ssr.norm.base._SSRNorm.homeostatic_step` (with its one collective) applies
+    them at once.
 
     The layer's ``_steps_seen`` may go stale here; the Python path reads the buffer again while
     the count is at most ``tau`` and uses the weight ``1 / tau`` after that, whatever the count.
@@ -274,12 +276,24 @@ def train_forward(kernel: ModuleType, layer: _SSRNorm, input: Tensor) -> Tensor:
             layer._grad_stats = gs = torch.zeros(4, c)
             layer._grad_steps = 0
         layer._grad_steps_t = steps = torch.tensor([layer._grad_steps], dtype=torch.long)
+    accumulate = not layer.auto_update or layer._count > 0 or layer._needs_reduction()
+    pending = gs
+    if accumulate:
+        if layer._sums is None or layer._count == 0:
+            layer._sums = torch.zeros(3 * c)
+        pending = layer._sums
     sp = layer.set_point
     layer_mean = isinstance(sp, str)
     params = [layer.eps, layer.tau, layer.gain_rate, layer.max_change, layer.max_gain, 0.0 if layer_mean else sp,
-              layer.grad_momentum, float(layer_mean), float(layer.project_gradient)]
+              layer.grad_momentum, float(layer_mean), float(layer.project_gradient), float(accumulate)]
     # The dictionaries nn.Module keeps them in: a plain lookup, where attribute access through
     # nn.Module.__getattr__ costs about 1 us each, a fifth of the kernel's own time at batch 1.
     p, b = layer._parameters, layer._buffers
-    return kernel.train_forward(input, p["weight"], p["bias"], b["running_mean"], b["running_var"],
-                                b["running_activity"], b["gain"], b["num_batches_tracked"], gs, steps, params)
+    output = kernel.train_forward(input, p["weight"], p["bias"], b["running_mean"], b["running_var"],
+                                  b["running_activity"], b["gain"], b["num_batches_tracked"], gs, steps, pending,
+                                  params)
+    if accumulate:
+        layer._count += float(input.numel() // c)
+        if layer.auto_update:
+            layer.homeostatic_step()
+    return output
