@@ -146,10 +146,10 @@ def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
     _fit(protected, loader, 10, [task2], accelerator)  # task 1 consolidated: protection is on from now
     assert task2.engine is not None and task2.engine.protecting
     _fit(Classifier(make()), loader, 10, [], accelerator)  # warm-up
-    ratios: dict[str, list[tuple[float, float]]] = {"task 1": [], "task 2": []}
-    times: dict[str, dict[str, list[tuple[float, float]]]] = {k: {"ssr": [], "none": []} for k in ratios}
+    # per setting, the (wall, cpu) seconds of each fit with SSR and without, pair by pair
+    times: dict[str, dict[str, list[tuple[float, float]]]] = {k: {"ssr": [], "none": []} for k in ("task 1", "task 2")}
     for r in range(repeats):
-        for key in ratios:
+        for key in times:
             runs = {
                 "ssr": lambda: _fit(protected, loader, steps, [task2], accelerator) if key == "task 2"
                 else _fit(Classifier(make()), loader, steps, [SynapticScaling(**ssr)], accelerator),
@@ -159,16 +159,16 @@ def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
                                      loader, steps, [], accelerator),
             }
             order = ("ssr", "none") if r % 2 else ("none", "ssr")
-            t = {name: runs[name]() for name in order}
-            ratios[key].append((t["ssr"][0] / t["none"][0], t["ssr"][1] / t["none"][1]))
-            for name in t:
-                times[key][name].append(t[name])
+            for name in order:
+                times[key][name].append(runs[name]())
     inside: dict[str, float] = {}
-    for key in ratios:
+    for key in times:
         with attributed_time() as spent:
             cb = task2 if key == "task 2" else SynapticScaling(**ssr)
             wall = _fit(protected if key == "task 2" else Classifier(make()), loader, steps, [cb], accelerator)[0]
         inside[key] = 1.0 + spent[0] / (wall - spent[0])
+    ratios = {key: [(s[0] / n[0], s[1] / n[1]) for s, n in zip(runs["ssr"], runs["none"])]
+              for key, runs in times.items()}
     fastest = {key: tuple(min(t[i] for t in runs["ssr"]) / min(t[i] for t in runs["none"]) for i in range(2))
                for key, runs in times.items()}
     return ratios, inside, fastest

@@ -341,7 +341,7 @@ class _SSRNorm(_SSRNormBase):
             output = F.batch_norm(input, shift, ones, weight, self.bias, False, 0.0, 0.0)
         if training:
             with torch.no_grad():
-                if self.auto_update and self._count == 0 and not self._needs_reduction():
+                if self._updates_in_forward():
                     self._update_state(*stats)
                 else:
                     self._accumulate(stats, moments[2])
@@ -385,6 +385,11 @@ class _SSRNorm(_SSRNormBase):
         """The pending statistics as one flat float32 tensor (see :func:`pending_statistics`)."""
         size = self.num_features * (3 if self.track_running_stats else 1)
         return pending_statistics(self._sums, self._count, size, self.gain.device)
+
+    def _updates_in_forward(self) -> bool:
+        """Whether a training forward updates the state itself (``auto_update``, nothing pending,
+        no reduction across processes) rather than adding to the pending statistics."""
+        return self.auto_update and self._count == 0 and not self._needs_reduction()
 
     def _needs_reduction(self) -> bool:
         if self.reduce_fn is not None or type(self).reduce_statistics is not _SSRNorm.reduce_statistics:

@@ -30,6 +30,11 @@ inline float lerp(float a, float b, float w) {
 
 inline float clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// Channels per parallel task, so that each task covers at least kGrain elements.
+inline int64_t channel_grain(int64_t per_channel) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(per_channel, 1));
+}
+
 // The layer's hyperparameters, in the order native.py passes them. With `accumulate` the
 // forward adds the batch's statistics, weighted by its element count, to the pending sums (mean,
 // second moment, activity: 3 x C) instead of updating the state (auto_update=False, or a
@@ -111,8 +116,11 @@ struct SSRNormFunction : public torch::autograd::Function<SSRNormFunction> {
     const int64_t N = input.size(0), C = input.size(1), L = input.numel() / std::max<int64_t>(N * C, 1);
     Tensor y = at::empty_like(input);
     Tensor saved = at::empty({5, C}, input.options());
-    const int64_t steps = p.accumulate ? 1 : ++num_batches_tracked.data_ptr<int64_t>()[0];
-    const float wt = static_cast<float>(std::max(1.0 / p.tau, 1.0 / static_cast<double>(std::max<int64_t>(steps, 1))));
+    float wt = 0.0f;  // the weight of this batch in the state's averages (unused when accumulating)
+    if (!p.accumulate) {
+      const int64_t steps = ++num_batches_tracked.data_ptr<int64_t>()[0];
+      wt = static_cast<float>(std::max(1.0 / p.tau, 1.0 / static_cast<double>(std::max<int64_t>(steps, 1))));
+    }
     const float* x = input.data_ptr<float>();
     float* out = y.data_ptr<float>();
     const float* w = optional_data(weight);
@@ -125,7 +133,7 @@ struct SSRNormFunction : public torch::autograd::Function<SSRNormFunction> {
     float* sums = p.accumulate ? pending.data_ptr<float>() : nullptr;
     const double count = static_cast<double>(N * L);
     const float eps = static_cast<float>(p.eps);
-    at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1)), [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, channel_grain(N * L), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const float m = rm[c];
         const float scale = (1.0f / std::sqrt(rv[c] + eps)) * gn[c];
@@ -207,7 +215,7 @@ struct SSRNormFunction : public torch::autograd::Function<SSRNormFunction> {
     float* gw = need_weight ? grad_weight.data_ptr<float>() : nullptr;
     float* gb = need_bias ? grad_bias.data_ptr<float>() : nullptr;
     const double count = static_cast<double>(N * L);
-    at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1)), [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, channel_grain(N * L), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const float m = sv[c], we = sv[C + c], scale = sv[2 * C + c];
         double sg = 0.0, sgu = 0.0;

@@ -276,7 +276,7 @@ def train_forward(kernel: ModuleType, layer: _SSRNorm, input: Tensor) -> Tensor:
             layer._grad_stats = gs = torch.zeros(4, c)
             layer._grad_steps = 0
         layer._grad_steps_t = steps = torch.tensor([layer._grad_steps], dtype=torch.long)
-    accumulate = not layer.auto_update or layer._count > 0 or layer._needs_reduction()
+    accumulate = not layer._updates_in_forward()
     pending = gs
     if accumulate:
         if layer._sums is None or layer._count == 0:
