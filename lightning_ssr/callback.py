@@ -137,11 +137,17 @@ class SynapticScaling(Callback):
         self._updated_since_log = False
         self._driven: dict[nn.Module, bool] = {}
         self._trainer: Optional[pl.Trainer] = None
+        self._state_key: Optional[tuple[Any, str]] = None
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(include=self.include, exclude=self.exclude, track_output=self.track_output)
+        # Lightning reads it at every hook call (in the profiler's action name): built once per selection
+        selection = (self.include, self.exclude, self.track_output)
+        if self._state_key is None or self._state_key[0] != selection:
+            key = self._generate_state_key(include=self.include, exclude=self.exclude, track_output=self.track_output)
+            self._state_key = (selection, key)
+        return self._state_key[1]
 
     # ---------------------------------------------------------------- set-up
     @override

@@ -252,6 +252,28 @@ def test_diagnostics_are_logged_through_the_trainer_logger(tmp_path: Path) -> No
     assert len(factors) >= 4 and all(0.99 - 1e-6 <= f <= 1.01 + 1e-6 for f in factors)
 
 
+def test_forward_hooks_are_registered_only_for_the_steps_that_sense() -> None:
+    """With ``sense_every=3`` the tracked layers carry a hook in steps 0, 3, 6, ... of each task and run
+    hook-free in the others (torch's fast call path); the second task starts over at its step 0."""
+
+    class Watch(L.Callback):
+        def __init__(self) -> None:
+            self.hooked: list[bool] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.hooked.append(bool(pl_module.net[0]._forward_hooks))
+
+    torch.manual_seed(0)
+    model = Classifier(tiny_mlp())
+    cb = SynapticScaling(sense_every=3, update_every=4)
+    for seed in (0, 1):
+        watch = Watch()
+        _trainer([cb, watch]).fit(model, _loader(seed=seed))
+        assert watch.hooked == [step % 3 == 0 for step in range(8)], watch.hooked
+    assert cb.engine.layers["net.0"].task_steps == 0 and cb.engine.tasks == 2
+    assert float(cb.engine.layers["net.0"].importance.sum()) > 0
+
+
 def test_teardown_leaves_a_plain_model(tmp_path: Path) -> None:
     model = Classifier(tiny_mlp())
     keys_before = set(model.state_dict())

@@ -206,6 +206,7 @@ class SSREngine:
         self.step += 1
         self.task_step += 1
         self._window += 1
+        self.sensor.follow()  # the hooks are registered for the steps that sense only
         if self.step % self.config.update_every:
             return False
         return self._update()
@@ -283,6 +284,7 @@ class SSREngine:
                 self.homeostasis.new_task(st)
         self.tasks += 1
         self.task_step = 0
+        self.sensor.follow()
         self.recycling.recycle(self.layers.values(), self.tasks)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
@@ -340,6 +342,7 @@ class SSREngine:
         if saved_out != our_out:
             raise ValueError(f"SSR state holds output layers {saved_out}, but this model senses {our_out}")
         self.step, self.task_step = int(state["step"]), int(state["task_step"])
+        self.sensor.follow()
         self.tasks, self.skipped = int(state["tasks"]), int(state["skipped"])
         self._window = int(state["window"])
         for name, st in self.layers.items():

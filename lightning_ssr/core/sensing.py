@@ -3,9 +3,11 @@
 Part 1 of the mechanism. A hook on every tracked layer adds ``phi(z)``, averaged over the batch
 and positions, to the layer's accumulator; :meth:`ActivitySensor.flush` turns what was summed
 since the last update into one flat float32 tensor of per-neuron means, averaged across processes.
-Output layers are sensed too, with "fires when it wins the argmax" as their activity, and with
-``output_targets`` also by how often each unit is the target (the one entry per sample where the
-loss gradient at the output is negative, as under cross-entropy), counted in a gradient hook.
+The hooks are registered only for the optimizer steps that sense (one in ``sense_every``): the
+other steps' forwards run without them. Output layers are sensed too, with "fires when it wins
+the argmax" as their activity, and with ``output_targets`` also by how often each unit is the
+target (the one entry per sample where the loss gradient at the output is negative, as under
+cross-entropy), counted in a gradient hook.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class ActivitySensor:
         self.phi = phi
         self.keep_live = keep_live
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached = False
         self._sense = sense
 
     @property
@@ -79,25 +82,48 @@ class ActivitySensor:
 
     @property
     def attached(self) -> bool:
+        return self._attached
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the forward hooks are registered now (only for steps that sense, see :meth:`follow`)."""
         return bool(self._hooks)
 
     def attach(self, model: Optional[nn.Module] = None) -> None:
-        """Register one forward hook per sensed layer (idempotent); with ``model``, first check that
-        each layer is still the model's module of that name, with the width its state was made for."""
-        if self._hooks:
+        """Start sensing (idempotent): the hooks are registered for the steps that sense (:meth:`follow`);
+        with ``model``, first check that each layer is still the model's module of that name, with the
+        width its state was made for."""
+        if self._attached:
             return
         for st in self.layers.values():  # output layers may grow (Avalanche's incremental heads): not checked
             st.check_width(model)  # a resized or replaced tracked layer fails here, naming itself
-        for st in self.layers.values():
-            self._hooks.append(st.module.register_forward_hook(self._make_hook(st)))
-        for st in self.outputs.values():
-            self._hooks.append(st.module.register_forward_hook(self._make_hook(st, output_layer=True)))
+        self._attached = True
+        self.follow()
 
-    def detach(self) -> None:
-        """Remove the hooks and drop any live activity."""
+    def follow(self) -> None:
+        """Register the hooks when this step's forwards are sensed (or live activity may be kept), remove
+        them otherwise; the owner calls it whenever its step count changes. A module without hooks runs
+        torch's fast call path: nine steps in ten cost nothing in the forward."""
+        if not self._attached:
+            return
+        wanted = self.keep_live is not None or self.sensing
+        if wanted and not self._hooks:
+            for st in self.layers.values():
+                self._hooks.append(st.module.register_forward_hook(self._make_hook(st)))
+            for st in self.outputs.values():
+                self._hooks.append(st.module.register_forward_hook(self._make_hook(st, output_layer=True)))
+        elif not wanted and self._hooks:
+            self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+    def detach(self) -> None:
+        """Remove the hooks and drop any live activity."""
+        self._attached = False
+        self._remove_hooks()
         for st in self.layers.values():
             st.live = None
 
