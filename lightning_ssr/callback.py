@@ -137,17 +137,12 @@ class SynapticScaling(Callback):
         self._updated_since_log = False
         self._driven: dict[nn.Module, bool] = {}
         self._trainer: Optional[pl.Trainer] = None
-        self._state_key: Optional[tuple[Any, str]] = None
+        self._state_key = self._generate_state_key(include=self.include, exclude=self.exclude, track_output=track_output)
 
     @property
     @override
     def state_key(self) -> str:
-        # Lightning reads it at every hook call (in the profiler's action name): built once per selection
-        selection = (self.include, self.exclude, self.track_output)
-        if self._state_key is None or self._state_key[0] != selection:
-            key = self._generate_state_key(include=self.include, exclude=self.exclude, track_output=self.track_output)
-            self._state_key = (selection, key)
-        return self._state_key[1]
+        return self._state_key  # built once: Lightning reads it at every hook call, for its profiler
 
     # ---------------------------------------------------------------- set-up
     @override
@@ -264,6 +259,8 @@ class SynapticScaling(Callback):
         if self.consolidate_on_fit_end and self.engine is not None and self.engine.task_step > 0:
             self._open_task = self.engine.state_dict()  # a checkpoint saved now can still resume this task
             self.consolidate()
+            if recycled := self.engine.recycling.undo_state(pl_module):  # ... from the weights before recycling
+                self._open_task["recycled"] = recycled
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -301,7 +298,7 @@ class SynapticScaling(Callback):
         state_dict = dict(state_dict)
         open_task = state_dict.pop("open_task", None)
         if open_task is not None and self._lightning_resume and self.resume_continues_task:
-            state_dict = dict(open_task)
+            state_dict = dict(open_task)  # with the weights recycling overwrote at the fit's end, if any
         self._lightning_resume = False
         if not state_dict:
             return

@@ -388,6 +388,7 @@ def test_resuming_a_finished_fit_continues_its_task(tmp_path: Path) -> None:
     straight, cb_a = _finished_fit_resumed(tmp_path, resume=False)
     resumed, cb_b = _finished_fit_resumed(tmp_path, resume=True)
     assert cb_a.engine.tasks == cb_b.engine.tasks == 1  # one task, consolidated once
+    assert sum(st.recycled for st in cb_a.engine.layers.values()) > 0  # recycling (the default) changed weights
     for k in straight:
         assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
     # asked for: the resumed fit is a new task, protected by the first

@@ -86,8 +86,9 @@ def _assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["params"].keys() == b["params"].keys()
     for k in a["params"]:
         assert_close(b["params"][k], a["params"][k], rtol=0, atol=0, msg=k)
-    # ``open_task`` (the state before a fit-end consolidation) is saved beside the state, not part of it
-    assert a["ssr"].keys() - {"open_task"} == b["ssr"].keys() - {"open_task"}
+    # ``open_task`` (the state before a fit-end consolidation) is saved beside the state, not part of it,
+    # and an open task's ``recycled`` entry is written into the weights on loading
+    assert a["ssr"].keys() - {"open_task", "recycled"} == b["ssr"].keys() - {"open_task"}
     for key in ("step", "task_step", "tasks", "skipped", "window"):
         assert a["ssr"][key] == b["ssr"][key], key
     for group in ("layers", "outputs"):
@@ -194,13 +195,28 @@ def test_checkpoint_from_ddp_resumes_on_one_process(streams: Path) -> None:
     assert resumed["ssr"]["tasks"] == N_TASKS and resumed["ssr"]["step"] > saved["ssr"]["step"]
 
 
+def _before_recycling(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The saved weights with what the fit-end recycling overwrote written back, from the open task's
+    ``recycled`` entry (a resumed task continues from them); they must differ from the saved ones."""
+    params = {k: v.clone() for k, v in saved["params"].items()}
+    recycled = saved["ssr"]["open_task"]["recycled"]
+    for layer, entry in recycled.items():
+        params[f"{layer}.weight"][entry["idx"]] = entry["rows"]
+        params[f"{layer}.bias"][entry["idx"]] = entry["bias"]
+        if "consumer" in entry:
+            params[f"{entry['consumer']}.weight"][:, entry["idx"]] = entry["cols"]
+    assert recycled and any(not torch.equal(params[k], saved["params"][k]) for k in params)
+    return params
+
+
 @pytest.mark.parametrize(("saved_by", "resumed_by"), [("single", "ddp"), ("ddp", "single_resumed")])
 def test_lightning_checkpoint_resumes_across_process_counts(streams: Path, saved_by: str, resumed_by: str) -> None:
     """``trainer.fit(ckpt_path=...)``: Lightning restores the callback's state itself, on any number of
     processes; a checkpoint saved after the fit ended resumes its task (the state before consolidation)."""
     saved = _load(streams, saved_by, "plain-saved")
     ranks = (0, 1) if resumed_by == "ddp" else (0,)
-    open_task = {**saved, "ssr": saved["ssr"]["open_task"]}
+    open_task = {**saved, "ssr": saved["ssr"]["open_task"], "params": _before_recycling(saved)}
+    assert open_task["params"].keys() == saved["params"].keys()
     assert open_task["ssr"]["tasks"] == saved["ssr"]["tasks"] - 1
     for rank in ranks:
         _assert_same_state(open_task, _load(streams, resumed_by, "plain-restored", rank))

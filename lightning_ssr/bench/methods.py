@@ -24,8 +24,8 @@ SSR_DEFAULTS: dict[str, Any] = {}
 #: 0.02, digits class / domain 87.5 / 87.5 % (the default 0.1: 62.7 / 85.7; replay alone 83.9 / 86.5)
 #: and Split Fashion-MNIST class 76.2 % (0.1: 74.6; replay alone 72.5).
 #: It was chosen with output units weighed by their argmax wins (``output_targets=False``, the
-#: default then), which it keeps: the target-weighed default has not been measured beside replay.
-SSR_BESIDE_REPLAY: dict[str, Any] = {"anchor_rate": 0.02, "output_targets": False}
+#: default then) and without recycling, which it keeps: neither later default was measured beside replay.
+SSR_BESIDE_REPLAY: dict[str, Any] = {"anchor_rate": 0.02, "output_targets": False, "recycle_below": 0.0}
 #: The anchoring rate and the strength matter most (Split prefers more, Permuted less).
 _SSR_GRID: tuple[dict[str, Any], ...] = (
     {},
@@ -116,7 +116,7 @@ METHODS: dict[str, Method] = {
              min_plasticity=0.5),
         _ssr("ssr-fixed-pull", "SSR ablation: the anchoring pull fixed per step, not shrunk with a learning rate below "
              "1e-3 (the earlier default)", anchor_lr=None),
-        _ssr("ssr-recycle", "SSR ablation: recycle neurons of importance below 0.1 at each task's end", recycle_below=0.1),
+        _ssr("ssr-no-recycle", "SSR ablation: no recycling of unused neurons (the earlier default)", recycle_below=0.0),
         _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
         _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (scaling only)", consolidation=0.0),

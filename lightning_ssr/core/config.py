@@ -75,7 +75,13 @@ class SSRConfig:
         recycle_below: plasticity recovery: at each task's end, re-initialize the incoming weights
             of every neuron whose importance (relative to its layer's mean of 1, over all finished
             tasks) is below this, and zero its outgoing weights, so that it is free and harmless
-            for the next task. ``0`` switches recycling off. Default: ``0.0``.
+            for the next task. ``0`` switches recycling off. Default: ``0.1``, chosen on validation
+            splits (``benchmarks/choose_defaults.py``, see the README): digits task / domain / class
+            99.4 / 79.4 / 18.5 % against 99.2 / 79.1 / 18.0 without (5 seeds; domain plasticity 97.6
+            against 95.4, naive 98.4), Split Fashion-MNIST task 98.8 against 97.6 and Permuted
+            Fashion-MNIST (10 tasks) 72.1 against 71.2 (3 seeds); it costs Split Fashion-MNIST domain
+            and class (84.2 / 19.8 against 86.8 / 21.4 %, naive 74.8 / 19.6). On the digits test sets
+            (10 seeds) task-incremental SSR moves from 98.2 to 98.8 %, level with plain training.
         importance: what makes a neuron important at the end of a task: ``"activity"`` (its
             mean activity relative to its layer) or ``"activity_grad"`` (its incoming
             ``|w * grad|`` relative to its layer). Default: ``"activity"``.
@@ -153,7 +159,7 @@ class SSRConfig:
     remeasure_set_points: bool = True
     consolidation: float = 10.0
     min_plasticity: float = 0.6
-    recycle_below: float = 0.0
+    recycle_below: float = 0.1
     importance: str = "activity"
     accumulate: str = "max"
     protection: str = "anchor"

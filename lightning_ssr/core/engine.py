@@ -127,7 +127,7 @@ class SSREngine:
         self.protection = Protection(cfg)
         self.anchoring = Anchoring(cfg.anchor_rate if cfg.protection == "anchor" else 0.0, cfg.anchor_lr)
         self.recycling = Recycling(cfg.recycle_below)
-        self.consumers = ConsumerFinder(model)
+        self.consumers = ConsumerFinder(model, enabled=cfg.gate_outgoing)
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
 
     # ------------------------------------------------------------------ hooks
@@ -137,7 +137,7 @@ class SSREngine:
             return
         self._checked = False  # the first sensed step of each attachment checks what was sensed
         self.sensor.attach(self.model)
-        self._record_order()
+        self.consumers.record()
 
     def detach(self) -> None:
         """Remove every hook; the model no longer refers to the engine."""
@@ -148,10 +148,6 @@ class SSREngine:
     @property
     def attached(self) -> bool:
         return self.sensor.attached
-
-    def _record_order(self) -> None:
-        if self.config.gate_outgoing:
-            self.consumers.record()
 
     def _resolve_consumers(self) -> None:
         if self.consumers.resolve(self.layers.values()):
@@ -265,8 +261,7 @@ class SSREngine:
     def named_parameters_gated(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters whose gradients or updates protection changes (for inspection)."""
         names = self._param_names()
-        for p in self.protection.parameters():
-            yield names.get(id(p), "?"), p
+        return ((names.get(id(p), "?"), p) for p in self.protection.parameters())
 
     # ---------------------------------------------------------- consolidation
     def consolidate(self) -> None:
@@ -291,7 +286,7 @@ class SSREngine:
         if self.protecting:
             self.anchoring.set_anchors(self.protection.parameters())
         if self.attached:
-            self._record_order()
+            self.consumers.record()
 
     def penalty(self) -> Tensor:
         """Loss term keeping important neurons' activity near what they carried on past tasks.
@@ -332,7 +327,7 @@ class SSREngine:
         return {id(p): n for n, p in self.model.named_parameters()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the tracked layers must be the same."""
+        """Restore :meth:`state_dict` (same tracked layers); a ``recycled`` entry writes back recycled weights."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"SSR state version {state.get('version')!r} is not supported (expected {_STATE_VERSION})")
         saved, ours = sorted(state["layers"]), sorted(self.layers)
@@ -354,3 +349,5 @@ class SSREngine:
             self._refresh_gates()
         if self.anchoring.enabled:
             self.anchoring.load_state_dict(state.get("anchors", {}), dict(self.model.named_parameters()))
+        if state.get("recycled"):  # an open task's state: the weights its end's recycling overwrote
+            self.recycling.restore(self.layers, self.model, state["recycled"])

@@ -15,7 +15,10 @@ relative to its layer's mean, over all finished tasks) is below ``recycle_below`
   effect on the network's output, and where the consumer is protected the zero is what is kept.
 
 Its importance stays (below the threshold: the unit is free); the optimizer's running moments of
-those weights are left to decay. No state of its own beyond a per-layer count for diagnostics.
+those weights are left to decay. No state of its own beyond a per-layer count for diagnostics and,
+until the next recycling, the values it overwrote (:meth:`Recycling.undo_state`), so that a fit
+resumed from a checkpoint saved after its task ended can continue that task from the weights as
+they were (:meth:`Recycling.restore`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_ssr.core.layers import weight_rows
 from lightning_ssr.core.state import LayerState
@@ -57,6 +61,8 @@ class Recycling:
 
     def __init__(self, below: float) -> None:
         self.below = float(below)
+        #: Per layer recycled at the last task's end: the indices and the values overwritten.
+        self._undo: dict[str, dict[str, Any]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -72,6 +78,7 @@ class Recycling:
         Returns:
             How many neurons were recycled in all.
         """
+        self._undo = {}
         if not self.enabled:
             return 0
         total = 0
@@ -85,26 +92,62 @@ class Recycling:
                 if not idx.numel():
                     continue
                 total += idx.numel()
-                self._reinit_incoming(st, idx, task)
+                undo = self._undo[st.name] = {"idx": idx.cpu(), **self._reinit_incoming(st, idx, task)}
                 if st.consumer is not None and st.consumer[0].weight.requires_grad:
-                    cons = st.consumer[0]
-                    w = cons.weight
-                    cols = w if w.shape[1] == st.n else w.view(w.shape[0], st.n, -1)  # channels x positions
-                    cols[:, idx.to(cols.device)] = 0.0
+                    cols = _columns(st.consumer[0].weight, st.n)
+                    dev_idx = idx.to(cols.device)
+                    undo["consumer"], undo["cols"] = st.consumer[0], cols[:, dev_idx].detach().cpu().clone()
+                    cols[:, dev_idx] = 0.0
         return total
 
+    def undo_state(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        """What the last :meth:`recycle` overwrote, per layer: the recycled indices, the old incoming
+        rows (and bias), and the old outgoing columns with the consumer's name in ``model``."""
+        names = {m: n for n, m in model.named_modules()}
+        return {layer: {**{k: v for k, v in undo.items() if k != "consumer"},
+                        **({"consumer": names[undo["consumer"]]} if "consumer" in undo else {})}
+                for layer, undo in self._undo.items()}
+
     @staticmethod
-    def _reinit_incoming(st: LayerState, idx: Tensor, task: int) -> None:
+    def restore(layers: dict[str, LayerState], model: nn.Module, undo: dict[str, dict[str, Any]]) -> None:
+        """Write back what :meth:`undo_state` recorded: the weights as they were before recycling
+        (a task resumed from a checkpoint saved after its end continues from them)."""
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, entry in undo.items():
+                st = layers[name]
+                rows = weight_rows(st.module.weight, st.module)
+                dev_idx = entry["idx"].to(rows.device)
+                rows[dev_idx] = entry["rows"].to(device=rows.device, dtype=rows.dtype)
+                if st.module.weight.data_ptr() != rows.data_ptr() or not st.module.weight.is_contiguous():
+                    st.module.weight.copy_(rows.view_as(st.module.weight))
+                if "bias" in entry:
+                    st.module.bias[dev_idx.to(st.module.bias.device)] = entry["bias"].to(st.module.bias)
+                if "consumer" in entry:
+                    cols = _columns(modules[entry["consumer"]].weight, st.n)
+                    cols[:, dev_idx.to(cols.device)] = entry["cols"].to(device=cols.device, dtype=cols.dtype)
+
+    @staticmethod
+    def _reinit_incoming(st: LayerState, idx: Tensor, task: int) -> dict[str, Tensor]:
+        """Fresh incoming rows (and bias) for ``idx``; returns the old values."""
         mod = st.module
         rows = weight_rows(mod.weight, mod)
         bound = 1.0 / math.sqrt(rows.shape[1]) if rows.shape[1] else 0.0
         gen = torch.Generator().manual_seed(zlib.crc32(f"{st.name}:{task}".encode()))
         fresh = (torch.rand((idx.numel(), rows.shape[1]), generator=gen) * 2 - 1) * bound
         dev_idx = idx.to(rows.device)
+        old = {"rows": rows[dev_idx].detach().cpu().clone()}
         rows[dev_idx] = fresh.to(device=rows.device, dtype=rows.dtype)
         if mod.weight.data_ptr() != rows.data_ptr() or not mod.weight.is_contiguous():
             mod.weight.copy_(rows.view_as(mod.weight))  # reshape copied a non-contiguous weight
         bias = getattr(mod, "bias", None)
         if bias is not None:
             b = (torch.rand(idx.numel(), generator=gen) * 2 - 1) * bound
+            old["bias"] = bias[dev_idx.to(bias.device)].detach().cpu().clone()
             bias[dev_idx] = b.to(device=bias.device, dtype=bias.dtype)
+        return old
+
+
+def _columns(weight: Tensor, n: int) -> Tensor:
+    """The consumer's weight as (outputs, producer neurons[, positions]): a view, for a Linear or a Conv."""
+    return weight if weight.shape[1] == n else weight.view(weight.shape[0], n, -1)  # channels x positions

@@ -19,6 +19,10 @@ class ConsumerFinder:
     gives every tracked layer its consumer: the first later layer whose input columns line up
     with its neurons (its outgoing weights).
 
+    Args:
+        model: the model whose modules are watched.
+        enabled: ``False`` never records (nothing needs the consumers: ``gate_outgoing=False``).
+
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> layers = {"0": LayerState("0", net[0])}
@@ -31,8 +35,9 @@ class ConsumerFinder:
         True
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
         self.model = model
+        self.enabled = enabled
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._order: list[nn.Module] = []
 
@@ -42,7 +47,7 @@ class ConsumerFinder:
 
     def record(self) -> None:
         """Hook every Linear/Conv module to note the order of the next training forward."""
-        if self._hooks:
+        if self._hooks or not self.enabled:
             return
         self._order.clear()
 
