@@ -84,11 +84,6 @@ class ActivitySensor:
     def attached(self) -> bool:
         return self._attached
 
-    @property
-    def hooked(self) -> bool:
-        """Whether the forward hooks are registered now (only for steps that sense, see :meth:`follow`)."""
-        return bool(self._hooks)
-
     def attach(self, model: Optional[nn.Module] = None) -> None:
         """Start sensing (idempotent): the hooks are registered for the steps that sense (:meth:`follow`);
         with ``model``, first check that each layer is still the model's module of that name, with the
