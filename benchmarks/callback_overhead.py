@@ -117,11 +117,11 @@ def floor_time(fits: list[Fit]) -> float:
     while dropping the machine's noise, which a whole fit's minimum cannot (each fit collects some).
 
     Example:
-        >>> floor_time([Fit(1.0, 1.0, [0.3, 0.5]), Fit(1.1, 1.1, [0.5, 0.3])])
+        >>> round(floor_time([Fit(1.0, 1.0, [0.3, 0.5]), Fit(1.1, 1.1, [0.5, 0.3])]), 6)
         0.8
     """
     per_step = sum(min(col) for col in zip(*(f.steps for f in fits)))
-    return round(per_step + min(f.wall - sum(f.steps) for f in fits), 12)
+    return per_step + min(f.wall - sum(f.steps) for f in fits)
 
 
 TARGETS = {"task 1": 1.02, "task 2": 1.05}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -94,10 +94,8 @@ class Recycling:
                 total += idx.numel()
                 undo = self._undo[st.name] = {"idx": idx.cpu(), **self._reinit_incoming(st, idx, task)}
                 if st.consumer is not None and st.consumer[0].weight.requires_grad:
-                    cols = _columns(st.consumer[0].weight, st.n)
-                    dev_idx = idx.to(cols.device)
-                    undo["consumer"], undo["cols"] = st.consumer[0], cols[:, dev_idx].detach().cpu().clone()
-                    cols[:, dev_idx] = 0.0
+                    undo["consumer"] = st.consumer[0]
+                    undo["cols"] = _set_columns(st.consumer[0].weight, st.n, idx, 0.0)
         return total
 
     def undo_state(self, model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -116,38 +114,46 @@ class Recycling:
         with torch.no_grad():
             for name, entry in undo.items():
                 st = layers[name]
-                rows = weight_rows(st.module.weight, st.module)
-                dev_idx = entry["idx"].to(rows.device)
-                rows[dev_idx] = entry["rows"].to(device=rows.device, dtype=rows.dtype)
-                if st.module.weight.data_ptr() != rows.data_ptr() or not st.module.weight.is_contiguous():
-                    st.module.weight.copy_(rows.view_as(st.module.weight))
-                if "bias" in entry:
-                    st.module.bias[dev_idx.to(st.module.bias.device)] = entry["bias"].to(st.module.bias)
+                _set_incoming(st, entry["idx"], entry["rows"], entry.get("bias"))
                 if "consumer" in entry:
-                    cols = _columns(modules[entry["consumer"]].weight, st.n)
-                    cols[:, dev_idx.to(cols.device)] = entry["cols"].to(device=cols.device, dtype=cols.dtype)
+                    _set_columns(modules[entry["consumer"]].weight, st.n, entry["idx"], entry["cols"])
 
     @staticmethod
     def _reinit_incoming(st: LayerState, idx: Tensor, task: int) -> dict[str, Tensor]:
-        """Fresh incoming rows (and bias) for ``idx``; returns the old values."""
-        mod = st.module
-        rows = weight_rows(mod.weight, mod)
-        bound = 1.0 / math.sqrt(rows.shape[1]) if rows.shape[1] else 0.0
+        """Fresh incoming rows (and bias) for ``idx``, drawn as PyTorch initializes the layer; returns the
+        old values."""
+        fan_in = weight_rows(st.module.weight, st.module).shape[1]
+        bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
         gen = torch.Generator().manual_seed(zlib.crc32(f"{st.name}:{task}".encode()))
-        fresh = (torch.rand((idx.numel(), rows.shape[1]), generator=gen) * 2 - 1) * bound
-        dev_idx = idx.to(rows.device)
-        old = {"rows": rows[dev_idx].detach().cpu().clone()}
-        rows[dev_idx] = fresh.to(device=rows.device, dtype=rows.dtype)
-        if mod.weight.data_ptr() != rows.data_ptr() or not mod.weight.is_contiguous():
-            mod.weight.copy_(rows.view_as(mod.weight))  # reshape copied a non-contiguous weight
-        bias = getattr(mod, "bias", None)
-        if bias is not None:
-            b = (torch.rand(idx.numel(), generator=gen) * 2 - 1) * bound
-            old["bias"] = bias[dev_idx.to(bias.device)].detach().cpu().clone()
-            bias[dev_idx] = b.to(device=bias.device, dtype=bias.dtype)
-        return old
+        fresh = (torch.rand((idx.numel(), fan_in), generator=gen) * 2 - 1) * bound
+        bias = None
+        if getattr(st.module, "bias", None) is not None:
+            bias = (torch.rand(idx.numel(), generator=gen) * 2 - 1) * bound
+        return _set_incoming(st, idx, fresh, bias)
 
 
-def _columns(weight: Tensor, n: int) -> Tensor:
-    """The consumer's weight as (outputs, producer neurons[, positions]): a view, for a Linear or a Conv."""
-    return weight if weight.shape[1] == n else weight.view(weight.shape[0], n, -1)  # channels x positions
+def _set_incoming(st: LayerState, idx: Tensor, rows: Tensor, bias: Optional[Tensor]) -> dict[str, Tensor]:
+    """Write ``rows`` (and ``bias``) as the incoming weights of ``st``'s neurons ``idx``; returns the old
+    values, on the CPU."""
+    mod = st.module
+    view = weight_rows(mod.weight, mod)
+    dev_idx = idx.to(view.device)
+    old = {"rows": view[dev_idx].cpu()}  # indexing copies
+    view[dev_idx] = rows.to(device=view.device, dtype=view.dtype)
+    if mod.weight.data_ptr() != view.data_ptr() or not mod.weight.is_contiguous():
+        mod.weight.copy_(view.view_as(mod.weight))  # reshape copied a non-contiguous weight
+    if bias is not None:
+        dev_idx = idx.to(mod.bias.device)
+        old["bias"] = mod.bias[dev_idx].cpu()
+        mod.bias[dev_idx] = bias.to(mod.bias)
+    return old
+
+
+def _set_columns(weight: Tensor, n: int, idx: Tensor, value: Union[Tensor, float]) -> Tensor:
+    """Write ``value`` into the consumer's input columns of the producer's neurons ``idx`` (for a Conv,
+    every position of those channels); returns the old columns, on the CPU."""
+    cols = weight if weight.shape[1] == n else weight.view(weight.shape[0], n, -1)  # channels x positions
+    dev_idx = idx.to(cols.device)
+    old = cols[:, dev_idx].cpu()  # indexing copies
+    cols[:, dev_idx] = value if isinstance(value, float) else value.to(device=cols.device, dtype=cols.dtype)
+    return old

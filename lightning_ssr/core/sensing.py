@@ -72,6 +72,7 @@ class ActivitySensor:
         self.phi = phi
         self.keep_live = keep_live
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._hook_fns: list[tuple[nn.Module, Callable[..., None]]] = []  # built once per attachment
         self._attached = False
         self._sense = sense
 
@@ -93,6 +94,8 @@ class ActivitySensor:
         for st in self.layers.values():  # output layers may grow (Avalanche's incremental heads): not checked
             st.check_width(model)  # a resized or replaced tracked layer fails here, naming itself
         self._attached = True
+        self._hook_fns = [(st.module, self._make_hook(st)) for st in self.layers.values()]
+        self._hook_fns += [(st.module, self._make_hook(st, output_layer=True)) for st in self.outputs.values()]
         self.follow()
 
     def follow(self) -> None:
@@ -103,10 +106,7 @@ class ActivitySensor:
             return
         wanted = self.keep_live is not None or self.sensing
         if wanted and not self._hooks:
-            for st in self.layers.values():
-                self._hooks.append(st.module.register_forward_hook(self._make_hook(st)))
-            for st in self.outputs.values():
-                self._hooks.append(st.module.register_forward_hook(self._make_hook(st, output_layer=True)))
+            self._hooks = [module.register_forward_hook(fn) for module, fn in self._hook_fns]
         elif not wanted and self._hooks:
             self._remove_hooks()
 
