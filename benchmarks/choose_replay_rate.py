@@ -12,6 +12,7 @@ Usage::
     python benchmarks/choose_replay_rate.py --scenario domain
     python benchmarks/choose_replay_rate.py --dataset fmnist --rates 0.1 0.05 0.02
     python benchmarks/choose_replay_rate.py --rates 0.02 --output-targets both   # output_targets beside replay
+    python benchmarks/choose_replay_rate.py --rates 0.02 --recycle-below 0 0.1  # recycling beside replay
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-targets", default="off", choices=["off", "on", "both"],
                         help="SSR's output_targets beside replay: off (the bench's ssr-replay), on (the library's "
                              "default) or both, a row each")
+    parser.add_argument("--recycle-below", type=float, nargs="+", default=[0.0],
+                        help="SSR's recycle_below beside replay, a row each: 0 (the bench's ssr-replay) or the "
+                             "library's default 0.1")
     args = parser.parse_args(argv)
     quiet_warnings()
     bench = make_benchmark(args.dataset, "split", args.scenario, 5, seed=0)
@@ -45,10 +49,13 @@ def main(argv: list[str] | None = None) -> None:
          else RunSettings(hidden=400, epochs=1, batch_size=128))
     rows = {"replay": (METHODS["replay"], {"mem_size": args.mem_size})}
     targets = {"off": [False], "on": [True], "both": [False, True]}[args.output_targets]
+    both = METHODS["ssr-replay"]
     for rate in args.rates:
         for on in targets:
-            name = f"ssr-replay a={rate}" + (" targets" if on else "")
-            rows[name] = (METHODS["ssr-replay"], {"mem_size": args.mem_size, "anchor_rate": rate, "output_targets": on})
+            for recycle in args.recycle_below:
+                name = f"ssr-replay a={rate}" + (" targets" if on else "") + (f" recycle={recycle:g}" if recycle else "")
+                rows[name] = (both, {**both.candidates(1)[0], "mem_size": args.mem_size, "anchor_rate": rate,
+                                     "output_targets": on, "recycle_below": recycle})
     print(f"{args.dataset} split, {args.scenario}-incremental, validation splits, buffer {args.mem_size}, "
           f"{args.seeds} seeds: average accuracy % (plasticity %)")
     for name, (method, hp) in rows.items():

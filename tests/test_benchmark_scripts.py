@@ -33,9 +33,11 @@ def test_norm_layer_timing_only() -> None:
 
 
 def test_choose_replay_rate_scores_replay_and_each_rate_on_validation() -> None:
-    out = run_script("benchmarks/choose_replay_rate.py", "--seeds", "1", "--rates", "0.02", "--mem-size", "50")
+    out = run_script("benchmarks/choose_replay_rate.py", "--seeds", "1", "--rates", "0.02", "--mem-size", "50",
+                     "--recycle-below", "0", "0.1")
     assert "validation splits" in out
-    assert re.search(r"^replay\s+[\d.]+ ±", out, re.M) and re.search(r"^ssr-replay a=0.02\s+[\d.]+ ±", out, re.M), out
+    for row in ("replay", "ssr-replay a=0.02", "ssr-replay a=0.02 recycle=0.1"):
+        assert re.search(rf"^{re.escape(row)}\s+[\d.]+ ±", out, re.M), out
 
 
 def test_markdown_table_prints_a_bench_output_as_the_readme_quotes_it(tmp_path) -> None:
