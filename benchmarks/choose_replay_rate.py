@@ -49,13 +49,13 @@ def main(argv: list[str] | None = None) -> None:
          else RunSettings(hidden=400, epochs=1, batch_size=128))
     rows = {"replay": (METHODS["replay"], {"mem_size": args.mem_size})}
     targets = {"off": [False], "on": [True], "both": [False, True]}[args.output_targets]
-    both = METHODS["ssr-replay"]
+    ssr_replay = METHODS["ssr-replay"]
     for rate in args.rates:
         for on in targets:
             for recycle in args.recycle_below:
                 name = f"ssr-replay a={rate}" + (" targets" if on else "") + (f" recycle={recycle:g}" if recycle else "")
-                rows[name] = (both, {**both.candidates(1)[0], "mem_size": args.mem_size, "anchor_rate": rate,
-                                     "output_targets": on, "recycle_below": recycle})
+                rows[name] = (ssr_replay, {**ssr_replay.candidates(1)[0], "mem_size": args.mem_size,
+                                           "anchor_rate": rate, "output_targets": on, "recycle_below": recycle})
     print(f"{args.dataset} split, {args.scenario}-incremental, validation splits, buffer {args.mem_size}, "
           f"{args.seeds} seeds: average accuracy % (plasticity %)")
     for name, (method, hp) in rows.items():

@@ -259,7 +259,7 @@ class SynapticScaling(Callback):
         if self.consolidate_on_fit_end and self.engine is not None and self.engine.task_step > 0:
             self._open_task = self.engine.state_dict()  # a checkpoint saved now can still resume this task
             self.consolidate()
-            if recycled := self.engine.recycling.undo_state(pl_module):  # ... from the weights before recycling
+            if recycled := self.engine.recycling.undo_state(self.engine.model):  # ... from the weights before recycling
                 self._open_task["recycled"] = recycled
 
     @override

@@ -200,16 +200,12 @@ def test_next_to_ewc_and_lwf(split_fmnist: ContinualBenchmark) -> None:
 
 @pytest.mark.parametrize("recycle_below, warns", [(0.1, True), (0.0, False)])
 def test_recycling_beside_replay_is_warned_about_once(split_fmnist: ContinualBenchmark, recycle_below: float,
-                                                      warns: bool) -> None:
-    import warnings
-
+                                                      warns: bool, recwarn: pytest.WarningsRecorder) -> None:
     ssr = SSRPlugin(recycle_below=recycle_below)
     strategy = _strategy(_mlp(split_fmnist), [ReplayPlugin(mem_size=20), ssr])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for exp in split_fmnist.train_stream[:2]:
-            strategy.train(exp)
-    ours = [str(w.message) for w in caught if "beside a ReplayPlugin" in str(w.message)]
+    for exp in split_fmnist.train_stream[:2]:
+        strategy.train(exp)
+    ours = [str(w.message) for w in recwarn if "beside a ReplayPlugin" in str(w.message)]
     assert ssr.engine.tasks == 2
     assert len(ours) == (1 if warns else 0), ours  # once, when the engine is built
     if warns:

@@ -147,8 +147,8 @@ class SSRPlugin(SupervisedPlugin):
             warnings.warn(
                 f"SSRPlugin runs beside a ReplayPlugin with `recycle_below={self._config.recycle_below:g}`: on "
                 "validation splits recycling beside replay lowered class-incremental accuracy (Split digits 79.2 -> "
-                "70.1 %, Split Fashion-MNIST 74.8 -> 72.1 %, 3 seeds, buffer 200). Pass `recycle_below=0` (with `anchor_rate=0.02`, as the "
-                "benchmark's ssr-replay row) beside replay", stacklevel=2)
+                "70.1 %, Split Fashion-MNIST 74.8 -> 72.1 %, 3 seeds, buffer 200). Pass `recycle_below=0` (with "
+                "`anchor_rate=0.02`, as the benchmark's ssr-replay row) beside replay", stacklevel=2)
 
     def _check_layers(self, engine: SSREngine) -> None:
         """Tracked layers must still be in the model with the same number of neurons."""

@@ -102,9 +102,11 @@ class Recycling:
         """What the last :meth:`recycle` overwrote, per layer: the recycled indices, the old incoming
         rows (and bias), and the old outgoing columns with the consumer's name in ``model``."""
         names = {m: n for n, m in model.named_modules()}
-        return {layer: {**{k: v for k, v in undo.items() if k != "consumer"},
-                        **({"consumer": names[undo["consumer"]]} if "consumer" in undo else {})}
-                for layer, undo in self._undo.items()}
+        out = {layer: dict(undo) for layer, undo in self._undo.items()}
+        for entry in out.values():
+            if "consumer" in entry:
+                entry["consumer"] = names[entry["consumer"]]  # a name, as a checkpoint can hold it
+        return out
 
     @staticmethod
     def restore(layers: dict[str, LayerState], model: nn.Module, undo: dict[str, dict[str, Any]]) -> None:
