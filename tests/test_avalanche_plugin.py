@@ -23,13 +23,14 @@ from avalanche.training.plugins import (  # noqa: E402
     EvaluationPlugin,
     EWCPlugin,
     LwFPlugin,
+    MASPlugin,
     ReplayPlugin,
     SupervisedPlugin,
     SynapticIntelligencePlugin,
 )
 
 from lightning_ssr import SSRConfig  # noqa: E402
-from lightning_ssr.avalanche import SSRPlugin, fix_synaptic_intelligence  # noqa: E402
+from lightning_ssr.avalanche import SSRPlugin, fix_mas_zero_loss, fix_synaptic_intelligence  # noqa: E402
 from lightning_ssr.data import ContinualBenchmark, make_benchmark  # noqa: E402
 
 HIDDEN = 32
@@ -242,6 +243,52 @@ def test_synaptic_intelligence_fix_gives_it_importance() -> None:
         strategy.train(exp)
     importance = torch.cat([p.data for p in si.ewc_data[1].values()])
     assert bool((importance != 0).any()), "SI measured no importance: its weight snapshots alias the model"
+
+
+class _ShiftAndRecord(SupervisedPlugin):
+    """Moves every weight by 0.1 before the second experience (so MAS's penalty is not zero) and
+    records, at each ``before_backward``, the strategy's loss beside MAS's penalty computed by hand."""
+
+    def __init__(self, mas: MASPlugin) -> None:
+        super().__init__()
+        self.mas = mas
+        self.values: list[tuple[int, float, float]] = []
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if strategy.clock.train_exp_counter == 1:
+            with torch.no_grad():
+                for p in strategy.model.parameters():
+                    p.add_(0.1)
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        exp = strategy.clock.train_exp_counter
+        penalty = 0.0
+        if exp:
+            penalty = sum(float((self.mas.importance[n].data * (p - self.mas.params[n].data).pow(2)).sum())
+                          for n, p in strategy.model.named_parameters())
+        self.values.append((exp, float(strategy.loss.detach()), penalty))
+
+
+def test_mas_fix_trains_through_a_loss_of_exactly_zero() -> None:
+    fix_mas_zero_loss()
+    assert fix_mas_zero_loss() is False  # idempotent
+    bench = make_benchmark("digits", "split", "domain", n_tasks=2, train_subset=64, test_subset=16)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(bench.input_size, 16), nn.ReLU(), nn.Linear(16, bench.n_classes))
+    mas = MASPlugin(lambda_reg=1.0, alpha=0.5)
+    probe = _ShiftAndRecord(mas)
+
+    def certain(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # a loss that underflowed: exactly 0.0
+        return torch.relu(nn.functional.cross_entropy(out, y) - 100.0)
+
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=certain,
+                     train_mb_size=32, train_epochs=1, plugins=[mas, probe],
+                     evaluator=EvaluationPlugin(loggers=[TextLogger(io.StringIO())]))
+    for exp in bench.train_stream:  # without the fix: ValueError("Loss is not available") in the second
+        strategy.train(exp)
+    second = [(loss, penalty) for exp, loss, penalty in probe.values if exp == 1]
+    assert len(second) == 2 and all(loss == 0.0 for exp, loss, _ in probe.values if exp == 0)
+    for loss, penalty in second:  # the penalty was added, and nothing else
+        assert penalty > 0.0 and loss == pytest.approx(penalty, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------- state

@@ -9,7 +9,7 @@ Needs ``avalanche-lib`` (``pip install "lightning-ssr[avalanche]"``)::
     strategy = Naive(model, optimizer, criterion, plugins=[SSRPlugin(consolidation=5.0)])
 """
 
-from lightning_ssr.avalanche.compat import fix_synaptic_intelligence
+from lightning_ssr.avalanche.compat import fix_mas_zero_loss, fix_synaptic_intelligence
 from lightning_ssr.avalanche.plugin import SSRPlugin
 
-__all__ = ["SSRPlugin", "fix_synaptic_intelligence"]
+__all__ = ["SSRPlugin", "fix_mas_zero_loss", "fix_synaptic_intelligence"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["fix_synaptic_intelligence"]
+__all__ = ["fix_mas_zero_loss", "fix_synaptic_intelligence"]
 
 _FIXED_FLAG = "_lightning_ssr_fixed"
 
@@ -59,4 +59,67 @@ def fix_synaptic_intelligence() -> bool:
 
     setattr(extract_weights, _FIXED_FLAG, True)
     SI.extract_weights = staticmethod(extract_weights)
+    return True
+
+
+def _mas_refuses_zero_loss() -> bool:
+    """Whether ``MASPlugin.before_backward`` takes a loss of exactly zero for a missing one."""
+    from types import SimpleNamespace
+
+    from avalanche.training.plugins import MASPlugin
+
+    plugin = MASPlugin()
+    layer = nn.Linear(1, 1)
+    plugin.importance = {"weight": torch.zeros(1, 1)}
+    plugin.params = {"weight": torch.zeros(1, 1)}
+    probe = SimpleNamespace(clock=SimpleNamespace(train_exp_counter=1), model=layer,
+                            loss=torch.zeros((), requires_grad=True))
+    try:
+        plugin.before_backward(probe)
+    except ValueError:
+        return True
+    return False
+
+
+def fix_mas_zero_loss() -> bool:
+    """Let Avalanche's ``MASPlugin`` train through a batch whose loss is exactly zero.
+
+    In avalanche-lib 0.6, ``MASPlugin.before_backward`` checks ``if not strategy.loss`` to find a
+    missing loss, so a cross-entropy that underflows to exactly ``0.0`` (a model that is certain of
+    every sample of a batch, common late in an easy experience) stops training with ``ValueError:
+    Loss is not available`` (avalanche#1676). This wraps ``before_backward``: on a loss of exactly
+    zero it adds the smallest normal float before Avalanche's check and subtracts it after the
+    penalty was added, so the loss, its gradient and the penalty are unchanged.
+
+    Call it once before building MAS strategies. It checks the behaviour first and patches only
+    when the bug is present; calling it again does nothing.
+
+    Returns:
+        ``True`` if this call patched Avalanche, ``False`` if nothing needed patching.
+
+    Example:
+        >>> fix_mas_zero_loss() in (True, False)
+        True
+        >>> fix_mas_zero_loss()
+        False
+    """
+    from avalanche.training.plugins import MASPlugin
+
+    original = MASPlugin.before_backward
+    if getattr(original, _FIXED_FLAG, False) or not _mas_refuses_zero_loss():
+        return False
+
+    def before_backward(self: Any, strategy: Any, **kwargs: Any) -> Any:
+        loss = strategy.loss
+        if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.is_floating_point() and not bool(loss)):
+            return original(self, strategy, **kwargs)
+        tiny = torch.finfo(loss.dtype).tiny
+        strategy.loss = loss + tiny  # non-zero, so Avalanche sees a loss
+        try:
+            return original(self, strategy, **kwargs)
+        finally:
+            strategy.loss = strategy.loss - tiny
+
+    setattr(before_backward, _FIXED_FLAG, True)
+    MASPlugin.before_backward = before_backward
     return True

@@ -100,10 +100,12 @@ def _plugin(method: Method, hp: Mapping[str, Any]) -> list[Any]:
         return []
     from avalanche.training.plugins import EWCPlugin, LwFPlugin, MASPlugin, ReplayPlugin, SynapticIntelligencePlugin
 
-    from lightning_ssr.avalanche import SSRPlugin, fix_synaptic_intelligence
+    from lightning_ssr.avalanche import SSRPlugin, fix_mas_zero_loss, fix_synaptic_intelligence
 
     if method.plugin == "si":
         fix_synaptic_intelligence()  # avalanche-lib 0.6's SI measures no importance on CPU
+    if method.plugin == "mas":
+        fix_mas_zero_loss()  # avalanche-lib 0.6's MAS stops at a batch whose loss is exactly zero
     if method.plugin == "ssr+replay":  # SSR inside Avalanche beside a replay buffer of the same size as replay's
         ssr_hp = {k: v for k, v in hp.items() if k != "mem_size"}
         return [SSRPlugin(**ssr_hp), ReplayPlugin(mem_size=hp["mem_size"])]
