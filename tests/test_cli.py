@@ -187,13 +187,14 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
 
     names = [m.name for m in resolve_methods("ablations", "domain")]
     assert {"ssr", "ssr-update", "ssr-fixed-strength", "ssr-capacity", "ssr-fixed-pull", "ssr-no-recycle",
-            "ssr-no-scaling"} <= set(names)
+            "ssr-recycle-shared", "ssr-no-scaling"} <= set(names)
     assert "ssr-replay" not in names and "ssr-plugin" not in names
     assert METHODS["ssr-update"].base == {"protection": "update"}
     assert METHODS["ssr-capacity"].base == {"min_plasticity": 0.5}
     assert METHODS["ssr-fixed-strength"].base == {"min_plasticity": 0.0}
     assert METHODS["ssr-fixed-pull"].base == {"anchor_lr": None}
     assert METHODS["ssr-no-recycle"].base == {"recycle_below": 0.0}
+    assert METHODS["ssr-recycle-shared"].base == {"recycle_shared_head": True}
     assert [g["mem_size"] for g in METHODS["ssr-replay"].grid] == [g["mem_size"] for g in METHODS["replay"].grid]
 
 

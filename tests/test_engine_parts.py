@@ -385,6 +385,63 @@ def test_recycling_renews_unused_neurons_the_same_way_every_time() -> None:
     assert off.layers["0"].recycled == 0 and torch.equal(untouched[0].weight, before)
 
 
+class _Heads(nn.Module):
+    """A body shared by the tasks and either one shared head or a new head per task (``task``)."""
+
+    def __init__(self, own_heads: bool) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 16)
+        self.heads = nn.ModuleList([nn.Linear(16, 3) for _ in range(3 if own_heads else 1)])
+        self.task = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads[min(self.task, len(self.heads) - 1)](torch.relu(self.body(x)))
+
+
+def _recycled_per_task(own_heads: bool, tasks: int = 3, state_after: int = 0, **cfg) -> list[int]:
+    """Train ``tasks`` short tasks in which body neurons 0-4 never fire; the count recycled after each.
+    With ``state_after=k``, the engine is rebuilt from its ``state_dict`` after task ``k``."""
+    from lightning_ssr.core import SSREngine
+
+    torch.manual_seed(0)
+    net = _Heads(own_heads)
+
+    def build() -> SSREngine:
+        engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, anchor_lr=None, **cfg))
+        engine.attach()
+        return engine
+
+    engine, counts = build(), []
+    for task in range(tasks):
+        net.task = task
+        with torch.no_grad():
+            net.body.weight[:5] = -net.body.weight[:5].abs()  # neurons 0-4 are silent on x >= 0
+            net.body.bias[:5] = -1.0
+        for _ in range(3):
+            net(torch.rand(8, 4)).sum().backward()
+            engine.before_step()
+            engine.after_step()
+        engine.consolidate()
+        counts.append(engine.layers["body"].recycled)
+        if task + 1 == state_after:
+            state = engine.state_dict()
+            engine.detach()
+            engine = build()
+            engine.load_state_dict(state)
+    return counts
+
+
+def test_recycling_with_a_shared_head_only_after_the_first_task() -> None:
+    own = _recycled_per_task(own_heads=True)
+    assert len(own) == 3 and min(own) >= 5  # a new head per task: after every task (0-4 and other free ones)
+    shared = _recycled_per_task(own_heads=False)
+    assert shared[0] == own[0] and shared[1:] == [0, 0]  # one head shared by the tasks: after the first only
+    assert _recycled_per_task(own_heads=False, recycle_shared_head=True) == own  # the earlier default
+    # what each layer fed is in the engine's state: a rebuilt engine decides the same
+    assert _recycled_per_task(own_heads=False, state_after=1) == shared
+    assert _recycled_per_task(own_heads=True, state_after=1) == own
+
+
 # ------------------------------------------------------------------------------ output targets
 def _two_tasks(labels_2: tuple[int, ...], **cfg):
     """An MLP with a 4-unit output trained toward classes 0/1, consolidated, then 10 steps toward

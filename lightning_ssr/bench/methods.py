@@ -117,6 +117,8 @@ METHODS: dict[str, Method] = {
         _ssr("ssr-fixed-pull", "SSR ablation: the anchoring pull fixed per step, not shrunk with a learning rate below "
              "1e-3 (the earlier default)", anchor_lr=None),
         _ssr("ssr-no-recycle", "SSR ablation: no recycling of unused neurons (the earlier default)", recycle_below=0.0),
+        _ssr("ssr-recycle-shared", "SSR ablation: recycling after every task also where the tasks share a head (the "
+             "earlier default)", recycle_shared_head=True),
         _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
         _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (scaling only)", consolidation=0.0),

@@ -280,7 +280,7 @@ class SSREngine:
         self.tasks += 1
         self.task_step = 0
         self.sensor.follow()
-        self.recycling.recycle(self.layers.values(), self.tasks)
+        self.recycling.after_task(self.layers.values(), self.model, self.tasks, self.config.recycle_shared_head)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
         if self.protecting:
@@ -317,7 +317,7 @@ class SSREngine:
             "task_step": self.task_step,
             "tasks": self.tasks,
             "skipped": self.skipped,
-            "window": self._window,
+            "window": self._window, "fed": self.recycling.fed,  # the modules fed at the last task's end
             "layers": {name: st.state_dict() for name, st in self.layers.items()},
             "outputs": {name: st.state_dict() for name, st in self.outputs.items()},
             **({"anchors": self.anchoring.state_dict(self._param_names())} if self.anchoring.enabled else {}),
@@ -339,7 +339,7 @@ class SSREngine:
         self.step, self.task_step = int(state["step"]), int(state["task_step"])
         self.sensor.follow()
         self.tasks, self.skipped = int(state["tasks"]), int(state["skipped"])
-        self._window = int(state["window"])
+        self._window, self.recycling.fed = int(state["window"]), state.get("fed")  # no "fed" in older states
         for name, st in self.layers.items():
             st.load_state_dict(state["layers"][name])
         for name, st in self.outputs.items():

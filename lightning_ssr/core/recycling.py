@@ -61,6 +61,9 @@ class Recycling:
 
     def __init__(self, below: float) -> None:
         self.below = float(below)
+        #: Per tracked layer, the name of the module it fed at the last task's end (``None``: no task
+        #: ended yet); a head shared by the tasks is fed again, a new head per task is not.
+        self.fed: Optional[dict[str, str]] = None
         #: Per layer recycled at the last task's end: the indices and the values overwritten.
         self._undo: dict[str, dict[str, Any]] = {}
 
@@ -72,13 +75,46 @@ class Recycling:
         """The indices of ``st``'s neurons under the threshold."""
         return torch.nonzero(st.importance < self.below).flatten()
 
-    def recycle(self, layers: Iterable[LayerState], task: int) -> int:
+    def after_task(self, layers: Iterable[LayerState], model: nn.Module, task: int, shared_too: bool) -> int:
+        """Task ``task`` ended: recycle, unless the tasks share one head and this is not the first task.
+
+        The tasks share a head when every tracked layer feeds the same modules (its consumer, by
+        name) as at the last task's end (domain- and class-incremental); with a new head per task
+        (task-incremental) the last layer feeds a new module each time. Where no consumer was found,
+        nothing is known and recycling runs.
+
+        Args:
+            layers: the tracked layers.
+            model: the model (for the names of the modules the layers feed).
+            task: the number of finished tasks.
+            shared_too: ``recycle_shared_head``: recycle after every task whatever the head.
+
+        Returns:
+            How many neurons were recycled in all.
+        """
+        layers = list(layers)
+        names = {m: n for n, m in model.named_modules()}
+        fed = {st.name: names.get(st.consumer[0], "") for st in layers if st.consumer is not None}
+        shared = task > 1 and bool(fed) and fed == self.fed
+        self.fed = fed
+        return self.recycle(layers, task, skip=shared and not shared_too)
+
+    def recycle(self, layers: Iterable[LayerState], task: int, skip: bool = False) -> int:
         """Recycle the free neurons of every layer after task ``task`` (``1`` for the first).
+
+        Args:
+            layers: the tracked layers.
+            task: the number of finished tasks (seeds the fresh weights).
+            skip: recycle nothing this time (a shared head after the first task).
 
         Returns:
             How many neurons were recycled in all.
         """
         self._undo = {}
+        if skip:
+            for st in layers:
+                st.recycled = 0
+            return 0
         if not self.enabled:
             return 0
         total = 0
