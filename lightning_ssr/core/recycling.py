@@ -14,8 +14,15 @@ relative to its layer's mean, over all finished tasks) is below ``recycle_below`
 * zero outgoing weights (its columns in the layer that consumes it): the new unit starts with no
   effect on the network's output, and where the consumer is protected the zero is what is kept.
 
+Where the tasks share one output head (every tracked layer feeds the same modules as at the last
+task's end: domain- and class-incremental streams), recycling runs after the first task only
+(``recycle_shared_head=False``, the default, chosen on validation: Split Fashion-MNIST
+domain-incremental 85.4 % against 84.2 at the same plasticity, the other streams within 0.2); where each task feeds a new
+head (task-incremental) it runs after every task (:meth:`Recycling.after_task`).
+
 Its importance stays (below the threshold: the unit is free); the optimizer's running moments of
-those weights are left to decay. No state of its own beyond a per-layer count for diagnostics and,
+those weights are left to decay. No state of its own beyond the names of the modules the layers fed at the last task's end
+(:attr:`Recycling.fed`, in the engine's state), a per-layer count for diagnostics and,
 until the next recycling, the values it overwrote (:meth:`Recycling.undo_state`), so that a fit
 resumed from a checkpoint saved after its task ended can continue that task from the weights as
 they were (:meth:`Recycling.restore`).
