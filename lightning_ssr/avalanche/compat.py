@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +11,17 @@ from torch import Tensor, nn
 __all__ = ["fix_mas_zero_loss", "fix_synaptic_intelligence"]
 
 _FIXED_FLAG = "_lightning_ssr_fixed"
+
+
+def _patch_once(owner: type, name: str, buggy: Callable[[], bool], replacement: Callable[..., Any],
+                wrap: Callable[[Any], Any] = lambda f: f) -> bool:
+    """Replace ``owner.name`` by ``replacement`` (wrapped by ``wrap``, e.g. ``staticmethod``) unless
+    it was replaced already or ``buggy()`` finds the bug absent; whether it was replaced now."""
+    if getattr(getattr(owner, name), _FIXED_FLAG, False) or not buggy():
+        return False
+    setattr(replacement, _FIXED_FLAG, True)
+    setattr(owner, name, wrap(replacement))
+    return True
 
 
 def _si_keeps_views() -> bool:
@@ -49,17 +61,12 @@ def fix_synaptic_intelligence() -> bool:
     """
     from avalanche.training.plugins import SynapticIntelligencePlugin as SI
 
-    if getattr(SI.extract_weights, _FIXED_FLAG, False) or not _si_keeps_views():
-        return False
-
     @torch.no_grad()
     def extract_weights(model: nn.Module, target: Any, excluded_parameters: Any) -> None:
         for name, param in SI.allowed_parameters(model, excluded_parameters):
             target[name].data = param.detach().cpu().flatten().clone()
 
-    setattr(extract_weights, _FIXED_FLAG, True)
-    SI.extract_weights = staticmethod(extract_weights)
-    return True
+    return _patch_once(SI, "extract_weights", _si_keeps_views, extract_weights, wrap=staticmethod)
 
 
 def _mas_refuses_zero_loss() -> bool:
@@ -106,8 +113,6 @@ def fix_mas_zero_loss() -> bool:
     from avalanche.training.plugins import MASPlugin
 
     original = MASPlugin.before_backward
-    if getattr(original, _FIXED_FLAG, False) or not _mas_refuses_zero_loss():
-        return False
 
     def before_backward(self: Any, strategy: Any, **kwargs: Any) -> Any:
         loss = strategy.loss
@@ -120,6 +125,4 @@ def fix_mas_zero_loss() -> bool:
         finally:
             strategy.loss = strategy.loss - tiny
 
-    setattr(before_backward, _FIXED_FLAG, True)
-    MASPlugin.before_backward = before_backward
-    return True
+    return _patch_once(MASPlugin, "before_backward", _mas_refuses_zero_loss, before_backward)

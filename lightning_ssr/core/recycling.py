@@ -104,24 +104,20 @@ class Recycling:
         fed = {st.name: names.get(st.consumer[0], "") for st in layers if st.consumer is not None}
         shared = task > 1 and bool(fed) and fed == self.fed
         self.fed = fed
-        return self.recycle(layers, task, skip=shared and not shared_too)
+        if shared and not shared_too:
+            self._undo = {}
+            for st in layers:
+                st.recycled = 0
+            return 0
+        return self.recycle(layers, task)
 
-    def recycle(self, layers: Iterable[LayerState], task: int, skip: bool = False) -> int:
+    def recycle(self, layers: Iterable[LayerState], task: int) -> int:
         """Recycle the free neurons of every layer after task ``task`` (``1`` for the first).
-
-        Args:
-            layers: the tracked layers.
-            task: the number of finished tasks (seeds the fresh weights).
-            skip: recycle nothing this time (a shared head after the first task).
 
         Returns:
             How many neurons were recycled in all.
         """
         self._undo = {}
-        if skip:
-            for st in layers:
-                st.recycled = 0
-            return 0
         if not self.enabled:
             return 0
         total = 0
