@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -25,6 +27,32 @@ __all__ = ["SynapticScaling"]
 def _warn_on_rank_zero(message: str) -> None:
     """A skipped update, reported by rank 0 only (every replica skips the same update)."""
     rank_zero_warn(message, category=NonFiniteActivityWarning)
+
+
+def _observe_batch(engine: SSREngine, batch: Any) -> None:
+    """Report the training batch's size (as Lightning reads it) to ``engine`` for ``scale_partial_batches``."""
+    try:
+        engine.partial.observe(extract_batch_size(batch))
+    except MisconfigurationException:
+        engine.partial.enabled = False
+        rank_zero_warn(
+            "SynapticScaling could not read the batch size from the training batch (no tensor in it), so "
+            "`scale_partial_batches` is off from now on: a smaller last batch takes a full step"
+        )
+
+
+def _carry_over(engine: SSREngine, previous: SSREngine) -> None:
+    """A new LightningModule (e.g. a new wrapper around the same network) continues the state
+    the callback holds: importance, set points and anchors move over by layer name."""
+    try:
+        engine.load_state_dict(previous.state_dict())
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ValueError(
+            f"SynapticScaling holds the SSR state of {previous.tasks} consolidated task(s) of another "
+            f"LightningModule (layers {list(previous.layers)}), which cannot carry over to this one "
+            f"(layers {list(engine.layers)}): {err}. Use a new SynapticScaling for a new model, "
+            "or the same LightningModule for every task"
+        ) from err
 
 
 class SynapticScaling(Callback):
@@ -164,7 +192,7 @@ class SynapticScaling(Callback):
             )
             rank_zero_info(f"SynapticScaling tracks {len(self.engine.layers)} layers: {list(self.engine.layers)}")
             if previous is not None and self._pending_state is None and previous.step > 0:
-                self._carry_over(previous)
+                _carry_over(self.engine, previous)
         self.engine.reduce_fn = self._reduce if trainer.world_size > 1 else None
         self.engine.warn = _warn_on_rank_zero
         if self._pending_state is not None:
@@ -175,19 +203,6 @@ class SynapticScaling(Callback):
             self._driven = {m: m.auto_update for m in pl_module.modules() if isinstance(m, _SSRNorm)}
             for m in self._driven:
                 m.auto_update = False
-
-    def _carry_over(self, previous: SSREngine) -> None:
-        """A new LightningModule (e.g. a new wrapper around the same network) continues the state
-        the callback holds: importance, set points and anchors move over by layer name."""
-        try:
-            self.engine.load_state_dict(previous.state_dict())
-        except (ValueError, RuntimeError, KeyError) as err:
-            raise ValueError(
-                f"SynapticScaling holds the SSR state of {previous.tasks} consolidated task(s) of another "
-                f"LightningModule (layers {list(previous.layers)}), which cannot carry over to this one "
-                f"(layers {list(self.engine.layers)}): {err}. Use a new SynapticScaling for a new model, "
-                "or the same LightningModule for every task"
-            ) from err
 
     def _reduce(self, tensor: Tensor) -> Tensor:
         if self._trainer is None:
@@ -207,6 +222,11 @@ class SynapticScaling(Callback):
         self._step_hooks.clear()
 
     # ------------------------------------------------------------- the steps
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self.engine is not None and self.engine.partial.enabled:
+            _observe_batch(self.engine, batch)
+
     @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer

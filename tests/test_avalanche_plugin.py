@@ -112,6 +112,7 @@ def test_runs_consolidates_once_per_experience_and_leaves_no_hooks(split_fmnist:
                 assert float(st.importance.sum()) > 0, f"layer {name} has no importance after task 0"
         assert _hooked(model) == [], "hooks must not outlive a training epoch"
     assert consolidations == [1, 2, 3, 4, 5]
+    assert ssr.engine.partial.scaled == 10  # 200 images at 32 a minibatch end each epoch on 8: 2 epochs, 5 experiences
     assert list(ssr.engine.layers) == ["body.1", "body.3"]  # the head is left out
     diag = ssr.last_diagnostics
     assert sorted(diag) == ["body.1", "body.3"]
@@ -129,7 +130,8 @@ def test_protected_neurons_change_less_than_without_the_plugin(split_fmnist: Con
     torch.manual_seed(0)
     init = _mlp(split_fmnist)
     runs: dict[str, list[torch.Tensor]] = {}
-    ssr = SSRPlugin(consolidation=10.0, protection="update", recycle_below=0.0)  # recycling would renew weights
+    # recycling would renew weights; the last minibatch of 8 would be scaled from the first experience on
+    ssr = SSRPlugin(consolidation=10.0, protection="update", recycle_below=0.0, scale_partial_batches=False)
     for name, plugins in (("naive", []), ("ssr", [ssr])):
         model = copy.deepcopy(init)
         strategy = _strategy(model, plugins)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import pickle
@@ -312,6 +313,81 @@ def test_non_finite_activity_never_reaches_weights() -> None:
         assert torch.isfinite(p).all()
 
 
+# --------------------------------------------------------- partial batches
+
+
+def _plain_sgd_run(net: nn.Module, loader: DataLoader, lr: float, scale_partial: bool) -> None:
+    """The reference: plain SGD where a batch of ``n < N`` samples takes ``(n/N)**2`` of a step
+    (its gradient and its update each scaled by ``n/N``) when ``scale_partial``."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    full = 0
+    for x, y in loader:
+        full = max(full, len(x))
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        f = len(x) / full if scale_partial else 1.0
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= lr * f * f * p.grad
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_a_partial_last_batch_counts_in_proportion_to_its_samples(scale: bool) -> None:
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    reference = copy.deepcopy(net)
+    loader = _loader(n=40)  # batches of 16, 16 and 8
+    # nothing else of SSR changes a weight: no protection, no scaling, no recycling
+    cb = SynapticScaling(consolidation=0.0, scaling_rate=0.0, recycle_below=0.0, scale_partial_batches=scale)
+    _trainer([cb]).fit(Classifier(net), loader)
+    _plain_sgd_run(reference, loader, lr=0.05, scale_partial=scale)
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert cb.engine.partial.scaled == (1 if scale else 0)
+
+
+def test_gradient_accumulation_counts_the_samples_of_the_whole_step() -> None:
+    cb = SynapticScaling(consolidation=0.0, scaling_rate=0.0, recycle_below=0.0, consolidate_on_fit_end=False)
+    # batches of 8, two a step: steps of 16, 16 and a last one of 8 samples
+    _trainer([cb], accumulate_grad_batches=2).fit(Classifier(tiny_mlp()), _loader(n=40, batch_size=8))
+    assert (cb.engine.partial.full, cb.engine.partial.scaled, cb.engine.step) == (16, 1, 3)
+    cb2 = SynapticScaling(consolidation=0.0, scaling_rate=0.0, recycle_below=0.0)
+    _trainer([cb2], accumulate_grad_batches=2).fit(Classifier(tiny_mlp()), _loader(n=48, batch_size=8))
+    assert (cb2.engine.partial.scaled, cb2.engine.step) == (0, 3)
+
+
+def test_each_task_sets_its_own_full_batch() -> None:
+    cb = SynapticScaling()
+    model = Classifier(tiny_mlp())
+    _trainer([cb]).fit(model, _loader(n=40, batch_size=16))  # 16, 16, 8
+    assert cb.engine.partial.scaled == 1 and cb.engine.partial.full == 0  # reset when the task ended
+    _trainer([cb]).fit(model, _loader(n=24, batch_size=8))  # a smaller batch size: 8, 8, 8, no step scaled
+    assert cb.engine.partial.scaled == 1
+
+
+class _Batch:
+    """A batch Lightning cannot read a size from (no tensor it can find)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.pair = (x, y)
+
+
+class _OpaqueClassifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch.pair
+        return nn.functional.cross_entropy(self(x), y)
+
+
+def test_an_unreadable_batch_size_is_warned_about_and_steps_are_left_as_they_are() -> None:
+    data = _loader(n=40).dataset
+    loader = DataLoader(data, batch_size=16, collate_fn=lambda items: _Batch(torch.stack([a for a, _ in items]),
+                                                                               torch.stack([b for _, b in items])))
+    cb = SynapticScaling(consolidation=0.0, scaling_rate=0.0, recycle_below=0.0)
+    with pytest.warns(UserWarning, match="could not read the batch size .* `scale_partial_batches` is off from now on"):
+        _trainer([cb]).fit(_OpaqueClassifier(tiny_mlp()), loader)
+    assert cb.engine.partial.scaled == 0 and not cb.engine.partial.enabled
+
+
 # ----------------------------------------------------------------- resume
 
 
@@ -455,6 +531,7 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path, output_target
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["ssr"]["step"] > 0 and r0["ssr"]["tasks"] == (2 if output_targets else 1)
+    assert r0["ssr"]["partial"]["scaled"] == (3 if output_targets else 2)  # each epoch ends on 4 samples a rank
     for k in r0["params"]:
         assert_close(r1["params"][k], r0["params"][k], rtol=0, atol=0)
     for group in ("layers", "outputs"):

@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from lightning_ssr.core import SSRConfig
 from lightning_ssr.core.consolidation import Consolidation
 from lightning_ssr.core.homeostasis import Homeostasis
+from lightning_ssr.core.partial import PartialBatches
 from lightning_ssr.core.protection import Protection
 from lightning_ssr.core.sensing import ActivitySensor, split_means
 from lightning_ssr.core.state import LayerState
@@ -501,3 +502,46 @@ def test_output_targets_round_trip_through_the_engine_state() -> None:
     plain = SSREngine(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4)), SSRConfig(output_targets=True))
     plain.load_state_dict(_two_tasks((2, 3), output_targets=False)[0].state_dict())  # saved without them: zeros
     assert plain.outputs["2"].targets.eq(0).all()
+
+
+# ------------------------------------------------------------------ partial batches
+
+
+def _adam_steps(sizes: list[int], enabled: bool) -> tuple[torch.Tensor, PartialBatches]:
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 2)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+    partial = PartialBatches(enabled)
+    for n in sizes:
+        partial.observe(n)
+        opt.zero_grad()
+        lin(torch.randn(n, 4)).pow(2).mean().backward()
+        partial.before_step(lin.parameters())
+        opt.step()
+        partial.after_step()
+    return lin.weight.detach().clone(), partial
+
+
+def test_partial_batches_leave_full_steps_and_scale_a_smaller_one_under_adam() -> None:
+    full_only, p_full = _adam_steps([8, 8, 8], enabled=True)
+    assert_close(full_only, _adam_steps([8, 8, 8], enabled=False)[0], rtol=0, atol=0)
+    assert p_full.scaled == 0
+    scaled, partial = _adam_steps([8, 8, 2], enabled=True)
+    plain, _ = _adam_steps([8, 8, 2], enabled=False)
+    before, _ = _adam_steps([8, 8], enabled=True)
+    assert partial.scaled == 1 and partial.full == 8
+    # a quarter of the samples: here less than a quarter of the step Adam takes without the part
+    assert 0 < float((scaled - before).norm()) < 0.25 * float((plain - before).norm())
+
+
+def test_partial_batches_round_trip_and_reset_per_task() -> None:
+    _, partial = _adam_steps([8, 4], enabled=True)
+    partial.observe(3)
+    restored = PartialBatches(True)
+    restored.load_state_dict(partial.state_dict())
+    assert restored.state_dict() == {"full": 8, "samples": 3, "scaled": 1}
+    restored.new_task()
+    assert restored.full == 0
+    old = PartialBatches(True)
+    old.load_state_dict({})  # a state saved before the part existed
+    assert old.state_dict() == {"full": 0, "samples": 0, "scaled": 0}

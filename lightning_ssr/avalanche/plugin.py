@@ -38,7 +38,8 @@ class SSRPlugin(SupervisedPlugin):
       them.
     * ``before_backward``: adds :meth:`SSREngine.penalty` to ``strategy.loss`` when
       ``protection="penalty"`` (the plugin owns the loss, unlike the Lightning callback).
-    * ``before_update``: :meth:`SSREngine.before_step` (gradients final, before ``optimizer.step``).
+    * ``before_update``: ``engine.partial.observe`` with the minibatch's size, then
+      :meth:`SSREngine.before_step` (gradients final, before ``optimizer.step``).
     * ``after_update``: :meth:`SSREngine.after_step` (scaling, protection of the update).
     * ``after_training_exp``: :meth:`SSREngine.consolidate` (importance and set points of the
       finished experience); the engine's state is kept across experiences and ``train`` calls.
@@ -189,6 +190,7 @@ class SSRPlugin(SupervisedPlugin):
     @override
     def before_update(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         if self.engine is not None and self.engine.attached:
+            self.engine.partial.observe(len(strategy.mb_x))  # replayed samples included: the step's samples
             self.engine.before_step()
 
     @override

@@ -143,6 +143,16 @@ class SSRConfig:
             where weighing by argmax wins (``False``, the earlier default) fell 6.1 points below on
             digits class (12.8 %) and is otherwise within 0.3 points but on Fashion-MNIST class
             (26.8 against 23.5 %, naive 19.6).
+        scale_partial_batches: an optimizer step on fewer samples than the task's largest step
+            (a smaller last batch of an epoch, ``drop_last=False``) counts in proportion to its
+            samples: its gradients and then the optimizer's change to every trainable parameter are
+            both multiplied by ``n / N`` (:mod:`~lightning_ssr.core.partial`). Adam moves a weight by
+            about the learning rate whatever the batch size, and protection leaves the new task in a
+            narrow space near its anchors, so a full-size step on a few samples undoes part of it.
+            Front ends report batch sizes (the callback reads them with Lightning's
+            ``extract_batch_size``; the plugin counts Avalanche's minibatch). Under DDP each process
+            scales by its own batch, which Lightning's ``DistributedSampler`` keeps the same on every
+            process. Default: ``True``.
         scale_bias: scale a neuron's bias with its incoming weights. Default: ``True``.
         eps: numerical floor for divisions. Default: ``1e-8``.
 
@@ -178,6 +188,7 @@ class SSRConfig:
     gate_outgoing: bool = True
     protect_output: bool = True
     output_targets: bool = True
+    scale_partial_batches: bool = True
     scale_bias: bool = True
     eps: float = field(default=1e-8)
 
@@ -207,7 +218,7 @@ class SSRConfig:
             check_number("anchor_lr", self.anchor_lr, 0.0, low_open=True)
         check_number("eps", self.eps, 0.0, 1.0, low_open=True)
         for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias", "output_targets",
-                     "recycle_shared_head"):
+                     "recycle_shared_head", "scale_partial_batches"):
             check_bool(flag, getattr(self, flag))
 
     @classmethod

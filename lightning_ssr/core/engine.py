@@ -6,9 +6,11 @@ Plain PyTorch: no Lightning or Avalanche import. The parts, each in its own modu
 * :class:`~lightning_ssr.core.homeostasis.Homeostasis`: set points and multiplicative scaling;
 * :class:`~lightning_ssr.core.consolidation.Consolidation`: importance at the end of each task;
 * :class:`~lightning_ssr.core.protection.Protection`: gates on important neurons' updates;
-* :class:`~lightning_ssr.core.topology.ConsumerFinder`: which layer reads each layer's neurons.
+* :class:`~lightning_ssr.core.topology.ConsumerFinder`: which layer reads each layer's neurons;
+* :class:`~lightning_ssr.core.partial.PartialBatches`: a smaller last batch's step scaled down.
 
-The Lightning callback and the Avalanche plugin drive one :class:`SSREngine` through four calls:
+The Lightning callback and the Avalanche plugin drive one :class:`SSREngine` through four calls
+(and report each training batch's size to ``engine.partial.observe``):
 
 * :meth:`SSREngine.before_step` once gradients are final (after backward, DDP all-reduce and
   AMP unscaling), right before ``optimizer.step()``;
@@ -32,6 +34,7 @@ from lightning_ssr.core.config import SSRConfig
 from lightning_ssr.core.consolidation import Consolidation
 from lightning_ssr.core.homeostasis import Homeostasis
 from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES, find_layers, find_output_layers
+from lightning_ssr.core.partial import PartialBatches
 from lightning_ssr.core.protection import Protection
 from lightning_ssr.core.recycling import Recycling
 from lightning_ssr.core.sensing import ActivitySensor, ReduceFn, check_sensed, split_means
@@ -49,6 +52,18 @@ class NonFiniteActivityWarning(RuntimeWarning):
 
 def _warn_non_finite(message: str) -> None:
     warnings.warn(message, NonFiniteActivityWarning, stacklevel=4)
+
+
+def _check_saved_state(state: Mapping[str, Any], layers: Mapping[str, LayerState], outputs: Mapping[str, LayerState]) -> None:
+    """Refuse a saved state of another version or of other tracked layers."""
+    if state.get("version") != _STATE_VERSION:
+        raise ValueError(f"SSR state version {state.get('version')!r} is not supported (expected {_STATE_VERSION})")
+    saved, ours = sorted(state["layers"]), sorted(layers)
+    if saved != ours:
+        raise ValueError(f"SSR state holds layers {saved}, but this model tracks {ours}")
+    saved_out, our_out = sorted(state.get("outputs", {})), sorted(outputs)
+    if saved_out != our_out:
+        raise ValueError(f"SSR state holds output layers {saved_out}, but this model senses {our_out}")
 
 
 class SSREngine:
@@ -127,6 +142,7 @@ class SSREngine:
         self.protection = Protection(cfg)
         self.anchoring = Anchoring(cfg.anchor_rate if cfg.protection == "anchor" else 0.0, cfg.anchor_lr)
         self.recycling = Recycling(cfg.recycle_below)
+        self.partial = PartialBatches(cfg.scale_partial_batches)
         self.consumers = ConsumerFinder(model, enabled=cfg.gate_outgoing)
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
 
@@ -169,9 +185,11 @@ class SSREngine:
     def before_step(self) -> None:
         """Call once gradients are final, right before ``optimizer.step()``.
 
-        Accumulates gradient-based importance, divides the gradients of protected neurons
-        (``protection="gradient"``), or snapshots their weights (``protection="update"``).
+        Scales a partial batch's gradients (``scale_partial_batches``), accumulates gradient-based
+        importance, divides the gradients of protected neurons (``protection="gradient"``), or
+        snapshots their weights (``protection="update"``).
         """
+        self.partial.before_step(p for p in self.model.parameters() if p.requires_grad)
         self._resolve_consumers()
         if not self._checked and self.sensor.sensing:
             check_sensed(self.layers)  # refuses before the first step when nothing is sensed
@@ -197,6 +215,7 @@ class SSREngine:
             Whether a homeostatic update was made this step (see :meth:`diagnostics`).
         """
         self._resolve_consumers()
+        self.partial.after_step()
         self.protection.after_step()
         self.anchoring.pull(self.protection.cache, optimizer)  # the cache is empty while nothing is protected
         self.step += 1
@@ -279,6 +298,7 @@ class SSREngine:
                 self.homeostasis.new_task(st)
         self.tasks += 1
         self.task_step = 0
+        self.partial.new_task()
         self.sensor.follow()
         self.recycling.after_task(self.layers.values(), self.model, self.tasks, self.config.recycle_shared_head)
         self._consolidated = {id(p) for p in self.model.parameters()}
@@ -318,6 +338,7 @@ class SSREngine:
             "tasks": self.tasks,
             "skipped": self.skipped,
             "window": self._window, "fed": self.recycling.fed,  # the modules fed at the last task's end
+            "partial": self.partial.state_dict(),
             "layers": {name: st.state_dict() for name, st in self.layers.items()},
             "outputs": {name: st.state_dict() for name, st in self.outputs.items()},
             **({"anchors": self.anchoring.state_dict(self._param_names())} if self.anchoring.enabled else {}),
@@ -328,18 +349,12 @@ class SSREngine:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (same tracked layers); a ``recycled`` entry writes back recycled weights."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"SSR state version {state.get('version')!r} is not supported (expected {_STATE_VERSION})")
-        saved, ours = sorted(state["layers"]), sorted(self.layers)
-        if saved != ours:
-            raise ValueError(f"SSR state holds layers {saved}, but this model tracks {ours}")
-        saved_out, our_out = sorted(state.get("outputs", {})), sorted(self.outputs)
-        if saved_out != our_out:
-            raise ValueError(f"SSR state holds output layers {saved_out}, but this model senses {our_out}")
+        _check_saved_state(state, self.layers, self.outputs)
         self.step, self.task_step = int(state["step"]), int(state["task_step"])
         self.sensor.follow()
         self.tasks, self.skipped = int(state["tasks"]), int(state["skipped"])
         self._window, self.recycling.fed = int(state["window"]), state.get("fed")  # no "fed" in older states
+        self.partial.load_state_dict(state.get("partial", {}))
         for name, st in self.layers.items():
             st.load_state_dict(state["layers"][name])
         for name, st in self.outputs.items():

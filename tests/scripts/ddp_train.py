@@ -44,7 +44,8 @@ def main() -> None:
     out = Path(args.out)
     L.seed_everything(0)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(256, 8, generator=g), torch.randint(0, 3, (256,), generator=g)
+    # 232 samples: 116 a rank, so each epoch ends on a partial batch of 4 (scale_partial_batches)
+    x, y = torch.randn(232, 8, generator=g), torch.randint(0, 3, (232,), generator=g)
     x[128:] *= 3.0  # the second half (rank 1's shard, unshuffled) is more active
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     model = Classifier()
