@@ -119,6 +119,8 @@ METHODS: dict[str, Method] = {
         _ssr("ssr-no-recycle", "SSR ablation: no recycling of unused neurons (the earlier default)", recycle_below=0.0),
         _ssr("ssr-recycle-shared", "SSR ablation: recycling after every task also where the tasks share a head (the "
              "earlier default)", recycle_shared_head=True),
+        _ssr("ssr-full-partial", "SSR ablation: a smaller last batch takes a full optimizer step, not one scaled by "
+             "its samples (the earlier behaviour)", scale_partial_batches=False),
         _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
         _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (scaling only)", consolidation=0.0),

@@ -152,7 +152,13 @@ class SSRConfig:
             Front ends report batch sizes (the callback reads them with Lightning's
             ``extract_batch_size``; the plugin counts Avalanche's minibatch). Under DDP each process
             scales by its own batch, which Lightning's ``DistributedSampler`` keeps the same on every
-            process. Default: ``True``.
+            process. Default: ``True``, chosen on validation splits (``python benchmarks/choose_defaults.py
+            --candidates '{"default": {}, "no-partial": {"scale_partial_batches": false}}'``, every stream,
+            5 seeds on digits, 3 elsewhere; see the README): Permuted Fashion-MNIST 10 / 20 / 10 at 5,000
+            images a task 72.6 / 64.5 / 67.9 % against 71.8 / 63.9 / 67.3 (naive 59.6 / 48.7 / 58.0), digits
+            task / domain / class 99.4 / 79.4 / 18.0 against 99.4 / 79.5 / 18.4 (naive 99.2 / 78.0 / 17.7),
+            Split Fashion-MNIST unchanged (no partial batch there), Permuted MNIST 79.2 against 79.3
+            (naive 79.3).
         scale_bias: scale a neuron's bias with its incoming weights. Default: ``True``.
         eps: numerical floor for divisions. Default: ``1e-8``.
 
