@@ -171,9 +171,9 @@ def attributed_time() -> Iterator[list[float]]:
             return timed(make_hook(*args, **kwargs))
         return wrapper
 
-    patches = [(SynapticScaling, name) for name in ("setup", "on_train_start", "on_before_optimizer_step",
-                                                     "_after_optimizer_step", "on_train_batch_end", "on_fit_end",
-                                                     "teardown", "state_dict")]
+    patches = [(SynapticScaling, name) for name in ("setup", "on_train_start", "on_train_batch_start",
+                                                     "on_before_optimizer_step", "_after_optimizer_step",
+                                                     "on_train_batch_end", "on_fit_end", "teardown", "state_dict")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in patches]
     saved.append((ActivitySensor, "_make_hook", ActivitySensor._make_hook))
     try:
