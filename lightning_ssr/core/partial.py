@@ -71,20 +71,15 @@ class PartialBatches:
         """A training batch of ``samples`` went into the coming optimizer step."""
         self.samples += int(samples)
 
-    def before_step(self, params: Iterable[nn.Parameter]) -> float:
-        """Gradients are final: scale them (and snapshot ``params``) if the step is partial.
-
-        Returns:
-            The step's factor ``n / N``; ``1.0`` for a full step or when nothing was observed.
-        """
+    def before_step(self, params: Iterable[nn.Parameter]) -> None:
+        """Gradients are final: if the step is partial, scale them by ``n / N`` and snapshot ``params``."""
         samples, self.samples = self.samples, 0
         self._snapshot = []
-        self._factor = 1.0
         if not self.enabled or samples <= 0:
-            return 1.0
+            return
         self.full = max(self.full, samples)
         if samples >= self.full:
-            return 1.0
+            return
         self._factor = samples / self.full
         with torch.no_grad():
             for p in params:
@@ -93,7 +88,6 @@ class PartialBatches:
                 p.grad.mul_(self._factor)
                 self._snapshot.append((p, p.detach().clone()))
         self.scaled += 1
-        return self._factor
 
     def after_step(self) -> None:
         """Right after the step: ``p <- old + f * (p - old)`` on the parameters snapshotted."""
@@ -101,7 +95,7 @@ class PartialBatches:
             return
         with torch.no_grad():
             for p, old in self._snapshot:
-                p.copy_(old.lerp_(p, self._factor))
+                torch.lerp(old, p, self._factor, out=p)  # as Protection's update gating does
         self._snapshot = []
 
     def new_task(self) -> None:
