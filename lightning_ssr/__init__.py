@@ -14,10 +14,12 @@ if TYPE_CHECKING:
     from lightning_ssr.callback import SynapticScaling
     from lightning_ssr.core import SSRConfig, SSREngine
     from lightning_ssr.norm import SSRNorm1d, SSRNorm2d, SSRNorm3d, convert_batchnorm, convert_ssrnorm_to_batchnorm
+    from lightning_ssr.partial_batches import PartialBatchScaling
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PartialBatchScaling",
     "SSRConfig",
     "SSREngine",
     "SSRNorm1d",
@@ -31,6 +33,7 @@ __all__ = [
 
 __getattr__, __dir__ = lazy_exports(globals(), {
     "SynapticScaling": "lightning_ssr.callback",
+    "PartialBatchScaling": "lightning_ssr.partial_batches",
     "SSRConfig": "lightning_ssr.core",
     "SSREngine": "lightning_ssr.core",
     **{name: "lightning_ssr.norm" for name in ("SSRNorm1d", "SSRNorm2d", "SSRNorm3d", "convert_batchnorm",

@@ -10,8 +10,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -20,6 +18,7 @@ from lightning_ssr.core.engine import NonFiniteActivityWarning, SSREngine
 from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES
 from lightning_ssr.core.validation import check_bool, check_layer_types, check_patterns
 from lightning_ssr.norm import _SSRNorm, homeostatic_step
+from lightning_ssr.partial_batches import observe_batch
 
 __all__ = ["SynapticScaling"]
 
@@ -27,18 +26,6 @@ __all__ = ["SynapticScaling"]
 def _warn_on_rank_zero(message: str) -> None:
     """A skipped update, reported by rank 0 only (every replica skips the same update)."""
     rank_zero_warn(message, category=NonFiniteActivityWarning)
-
-
-def _observe_batch(engine: SSREngine, batch: Any) -> None:
-    """Report the training batch's size (as Lightning reads it) to ``engine`` for ``scale_partial_batches``."""
-    try:
-        engine.partial.observe(extract_batch_size(batch))
-    except MisconfigurationException:
-        engine.partial.enabled = False
-        rank_zero_warn(
-            "SynapticScaling could not read the batch size from the training batch (no tensor in it), so "
-            "`scale_partial_batches` is off from now on: a smaller last batch takes a full step"
-        )
 
 
 def _carry_over(engine: SSREngine, previous: SSREngine) -> None:
@@ -225,7 +212,7 @@ class SynapticScaling(Callback):
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.engine is not None and self.engine.partial.enabled:
-            _observe_batch(self.engine, batch)
+            observe_batch(self.engine.partial, batch, type(self).__name__)
 
     @override
     def on_before_optimizer_step(

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=float, default=None, help="Adam learning rate of every method (default: 0.001)")
     b.add_argument("--pad", type=int, default=None,
                    help="zero pixels added on each side of the images (vdv2019-permuted: 2, 28x28 -> 32x32; default: 0)")
+    b.add_argument("--partial-batches-all", action="store_true",
+                   help="give every method without SSR the partial-batch scaling SSR does by default (a smaller last batch counts by "
+                        "its samples: PartialBatchPlugin in Avalanche's strategies, PartialBatchScaling beside plain "
+                        "Lightning training), so the comparison holds without that difference")
     b.add_argument("--hidden", type=int, default=None,
                    help="units per hidden layer of the 2-layer MLP (default: 400 for split, 1000 for permuted)")
     b.add_argument("--train-subset", type=int, default=None, help="training samples per task (default: all)")
@@ -148,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             scenarios=args.scenario, seeds=args.seeds, data_dir=args.data_dir, train_subset=args.train_subset,
             test_subset=args.test_subset, search_budget=args.search_budget, out=args.out, plots=not args.no_plots,
             progress=not args.no_progress, wandb=args.wandb, wandb_project=args.wandb_project, workers=args.workers,
-            download=args.download,
+            download=args.download, partial_batches_all=args.partial_batches_all,
         )
         opts = (BenchOptions.from_preset(args.preset, **given, **common) if args.preset
                 else BenchOptions(**given, **common))

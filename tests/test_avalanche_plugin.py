@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import FMNIST_DIR
 from torch import nn
+from torch.testing import assert_close
 
 pytest.importorskip("avalanche")
 
@@ -30,7 +31,7 @@ from avalanche.training.plugins import (  # noqa: E402
 )
 
 from lightning_ssr import SSRConfig  # noqa: E402
-from lightning_ssr.avalanche import SSRPlugin, fix_mas_zero_loss, fix_synaptic_intelligence  # noqa: E402
+from lightning_ssr.avalanche import PartialBatchPlugin, SSRPlugin, fix_mas_zero_loss, fix_synaptic_intelligence  # noqa: E402
 from lightning_ssr.data import ContinualBenchmark, make_benchmark  # noqa: E402
 
 HIDDEN = 32
@@ -124,6 +125,29 @@ def test_runs_consolidates_once_per_experience_and_leaves_no_hooks(split_fmnist:
     states = [*ssr.engine.layers.values(), *ssr.engine.outputs.values()]  # hidden neurons and output units
     anchored = sum(p.numel() * 4 for _, p in ssr.engine.named_parameters_gated())  # the default anchoring's copy
     assert ssr.extra_state_bytes() == sum(t.numel() * 4 for st in states for t in st.tensors().values()) + anchored
+
+
+def test_partial_batch_plugin_gives_any_strategy_the_steps_ssr_takes(split_fmnist: ContinualBenchmark) -> None:
+    torch.manual_seed(0)
+    init = _mlp(split_fmnist)
+    # SSR with every other part off changes weights only through its partial-batch scaling
+    ssr_only_partial = SSRPlugin(consolidation=0.0, scaling_rate=0.0, recycle_below=0.0)
+    partial = PartialBatchPlugin()
+    weights = {}
+    for name, plugins in (("naive", []), ("plugin", [partial]), ("ssr", [ssr_only_partial])):
+        model = copy.deepcopy(init)
+        strategy = _strategy(model, plugins)
+        torch.manual_seed(1)  # the same mini-batch order in every run
+        for exp in split_fmnist.train_stream[:2]:
+            strategy.train(exp)
+        weights[name] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(weights["plugin"], weights["ssr"]):
+        assert_close(a, b, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(weights["plugin"], weights["naive"]))
+    assert partial.partial.scaled == 2 and partial.partial.full == 0  # 200 images at 32: one step on 8 an experience
+    assert partial.state_dict() == {"full": 0, "samples": 0, "scaled": 2}
+    with pytest.raises(ValueError, match="must not hold PartialBatchPlugin beside an SSRPlugin"):
+        _strategy(_mlp(split_fmnist), [PartialBatchPlugin(), SSRPlugin()]).train(split_fmnist.train_stream[0])
 
 
 def test_protected_neurons_change_less_than_without_the_plugin(split_fmnist: ContinualBenchmark) -> None:

@@ -22,7 +22,7 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import FunctionalMLP, tiny_cnn, tiny_mlp
-from lightning_ssr import SSRConfig, SynapticScaling
+from lightning_ssr import PartialBatchScaling, SSRConfig, SynapticScaling
 from lightning_ssr.core import NonFiniteActivityWarning
 
 HERE = Path(__file__).parent
@@ -363,6 +363,33 @@ def test_each_task_sets_its_own_full_batch() -> None:
     assert cb.engine.partial.scaled == 1 and cb.engine.partial.full == 0  # reset when the task ended
     _trainer([cb]).fit(model, _loader(n=24, batch_size=8))  # a smaller batch size: 8, 8, 8, no step scaled
     assert cb.engine.partial.scaled == 1
+
+
+def test_partial_batch_scaling_alone_gives_plain_training_the_same_steps() -> None:
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    reference = copy.deepcopy(net)
+    loader = _loader(n=40)  # batches of 16, 16 and 8
+    cb = PartialBatchScaling()
+    _trainer([cb]).fit(Classifier(net), loader)
+    _plain_sgd_run(reference, loader, lr=0.05, scale_partial=True)
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert (cb.partial.scaled, cb.partial.full) == (1, 0)  # one half step; the next fit measures its own batch
+
+
+def test_partial_batch_scaling_saves_its_state_and_refuses_to_scale_twice(tmp_path: Path) -> None:
+    cb = PartialBatchScaling()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    _trainer([cb, ckpt], enable_checkpointing=True).fit(Classifier(tiny_mlp()), _loader(n=40))
+    saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)["callbacks"]["PartialBatchScaling"]
+    assert saved == {"full": 16, "samples": 0, "scaled": 0}  # in the middle of the task: its full batch so far
+    restored = PartialBatchScaling()
+    restored.load_state_dict(saved)
+    assert restored.partial.full == 16
+    with pytest.raises(ValueError, match="must not hold PartialBatchScaling beside a SynapticScaling"):
+        _trainer([PartialBatchScaling(), SynapticScaling()]).fit(Classifier(tiny_mlp()), _loader(n=40))
+    _trainer([PartialBatchScaling(), SynapticScaling(scale_partial_batches=False)]).fit(Classifier(tiny_mlp()), _loader(n=40))
 
 
 class _Batch:

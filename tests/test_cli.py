@@ -60,6 +60,22 @@ def test_search_budget_chooses_on_validation_and_records_it(tmp_path: Path) -> N
     assert len(report["search"]["ssr"]) == 2
 
 
+def test_partial_batches_all_gives_the_baselines_the_scaling_and_says_so(tmp_path: Path) -> None:
+    runs = {}
+    for flag in (False, True):  # 48 training images a task at batch 32: every task ends on 16
+        opts = BenchOptions(scenarios=("domain",), methods="naive,ssr", seeds=1, epochs=3, lr=0.01, train_subset=48, test_subset=200,
+                            hidden=16, search_budget=1, out=str(tmp_path / str(flag)), plots=False, progress=False,
+                            partial_batches_all=flag)
+        printed: list[str] = []
+        report = run_bench(opts, echo=printed.append)["domain"]
+        meta = json.loads(Path(report["files"]["json"]).read_text())["meta"]
+        assert meta["settings"]["partial_batches_all"] is flag
+        assert ("every method scales partial batches" in "\n".join(printed)) is flag
+        runs[flag] = {m: r[0].accuracy for m, r in report["runs"].items()}
+    assert runs[True]["ssr"] == runs[False]["ssr"]  # SSR scales its own partial batches either way
+    assert runs[True]["naive"] != runs[False]["naive"] and runs[True]["naive-lightning"] != runs[False]["naive-lightning"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

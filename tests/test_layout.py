@@ -20,13 +20,14 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "data": {"core"},
     "norm": {"core"},
-    "callback": {"core", "norm"},
-    "avalanche": {"core", "norm", "callback"},
-    "loggers": {"core", "norm", "callback"},
-    "continual": {"core", "norm", "callback", "data", "loggers"},
-    "(root)": {"core", "norm", "callback", "avalanche", "continual", "data", "loggers"},
-    "bench": {"(root)", "core", "norm", "callback", "avalanche", "continual", "data", "loggers"},
-    "cli": {"(root)", "core", "norm", "callback", "avalanche", "continual", "data", "loggers", "bench"},
+    "partial_batches": {"core"},
+    "callback": {"core", "norm", "partial_batches"},
+    "avalanche": {"core", "norm", "callback", "partial_batches"},
+    "loggers": {"core", "norm", "callback", "partial_batches"},
+    "continual": {"core", "norm", "callback", "partial_batches", "data", "loggers"},
+    "(root)": {"core", "norm", "callback", "partial_batches", "avalanche", "continual", "data", "loggers"},
+    "bench": {"(root)", "core", "norm", "callback", "partial_batches", "avalanche", "continual", "data", "loggers"},
+    "cli": {"(root)", "core", "norm", "callback", "partial_batches", "avalanche", "continual", "data", "loggers", "bench"},
 }
 MAX_FILE_LINES = 500
 MAX_CLASS_LINES = 300

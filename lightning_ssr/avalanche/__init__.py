@@ -1,4 +1,5 @@
-"""Avalanche front end: :class:`SSRPlugin`, SSR inside any Avalanche training strategy.
+"""Avalanche front end: :class:`SSRPlugin`, SSR inside any Avalanche training strategy, and
+:class:`PartialBatchPlugin`, the partial-batch scaling alone for any other strategy.
 
 Needs ``avalanche-lib`` (``pip install "lightning-ssr[avalanche]"``)::
 
@@ -10,6 +11,7 @@ Needs ``avalanche-lib`` (``pip install "lightning-ssr[avalanche]"``)::
 """
 
 from lightning_ssr.avalanche.compat import fix_mas_zero_loss, fix_synaptic_intelligence
+from lightning_ssr.avalanche.partial import PartialBatchPlugin
 from lightning_ssr.avalanche.plugin import SSRPlugin
 
-__all__ = ["SSRPlugin", "fix_mas_zero_loss", "fix_synaptic_intelligence"]
+__all__ = ["PartialBatchPlugin", "SSRPlugin", "fix_mas_zero_loss", "fix_synaptic_intelligence"]

@@ -54,6 +54,7 @@ class BenchOptions:
     pad: int = 0
     download: bool = False
     preset: Optional[str] = None
+    partial_batches_all: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -95,6 +96,8 @@ class BenchOptions:
             raise ValueError(f"`pad` must be an int in [0, 64], got {self.pad!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {self.preset!r}")
+        if not isinstance(self.partial_batches_all, bool):
+            raise TypeError(f"`partial_batches_all` must be a bool, got {self.partial_batches_all!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}")
         for s in self.scenarios:

@@ -155,6 +155,10 @@ def run_avalanche(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
     seed_stream(seed, "model")
     model = _model(bench, s, method)
     plugins = _plugin(method, hp)
+    if s.partial_batches_all and not any(hasattr(p, "engine") for p in plugins):  # SSRPlugin has its own (or is the ablation)
+        from lightning_ssr.avalanche import PartialBatchPlugin
+
+        plugins.append(PartialBatchPlugin())
 
     class _Tick(SupervisedPlugin):
         def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
@@ -229,6 +233,10 @@ def run_lightning(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
     if method.name != "naive-lightning":
         ssr = SynapticScaling(log_diagnostics=logger is not None, **hp)
         callbacks.append(ssr)
+    if s.partial_batches_all and ssr is None:  # SSR has its own (or is the ablation without it)
+        from lightning_ssr import PartialBatchScaling
+
+        callbacks.append(PartialBatchScaling())
 
     class _Tick(pl.Callback):
         def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -16,7 +16,10 @@ class RunSettings:
     """The budget every method gets alike: network, optimizer, epochs (or iterations), batch size.
 
     With ``iterations`` set, every method trains exactly that many mini-batches per task (the
-    published protocols count iterations), whatever ``epochs`` says.
+    published protocols count iterations), whatever ``epochs`` says. With ``partial_batches_all``
+    every method without SSR counts a smaller last batch by its samples, as SSR does by default (the baselines
+    through :class:`~lightning_ssr.avalanche.PartialBatchPlugin` and
+    :class:`~lightning_ssr.PartialBatchScaling`).
     """
 
     hidden: int = 400
@@ -26,6 +29,7 @@ class RunSettings:
     batch_size: int = 128
     eval_batch_size: int = 512
     iterations: Optional[int] = None
+    partial_batches_all: bool = False
 
     @property
     def max_epochs(self) -> int:
@@ -44,4 +48,4 @@ def settings_of(opts: BenchOptions) -> RunSettings:
         (2, 1000)
     """
     return RunSettings(hidden=opts.hidden_units, lr=opts.lr, epochs=opts.epochs, batch_size=opts.batch_size,
-                       iterations=opts.iterations)
+                       iterations=opts.iterations, partial_batches_all=opts.partial_batches_all)
