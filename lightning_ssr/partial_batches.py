@@ -65,7 +65,6 @@ class PartialBatchScaling(Callback):
         super().__init__()
         self.partial = PartialBatches(enabled=True)
         self._hooks: list[Any] = []
-        self._params: list[torch.nn.Parameter] = []
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -81,7 +80,6 @@ class PartialBatchScaling(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._params = [p for p in pl_module.parameters() if p.requires_grad]
         self._remove_hooks()
         for opt in trainer.optimizers:
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.partial.after_step()))
@@ -94,7 +92,7 @@ class PartialBatchScaling(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not trainer.sanity_checking:
-            self.partial.before_step(self._params)
+            self.partial.before_step(p for p in pl_module.parameters() if p.requires_grad)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -104,7 +102,6 @@ class PartialBatchScaling(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._remove_hooks()
-            self._params = []
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
