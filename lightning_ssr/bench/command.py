@@ -230,7 +230,7 @@ def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, p
         title = (f"{opts.dataset} {opts.protocol} ({n_tasks} tasks), {scenario}-incremental{preset}: MLP "
                  f"{settings.layers}x{settings.hidden}, Adam lr {settings.lr:g}, {opts.budget}, batch "
                  f"{settings.batch_size}{f', padded by {opts.pad}' if opts.pad else ''}"
-                 f"{', every method scales partial batches' if opts.partial_batches_all else ''}, {opts.seeds} seeds (mean ± std)")
+                 f"{', the methods without SSR scale partial batches too' if opts.partial_batches_all else ''}, {opts.seeds} seeds (mean ± std)")
         out_dir = out_root / f"{opts.dataset}-{opts.protocol}{n_tasks}-{scenario}"
         meta = {
             "command": command or " ".join(sys.argv), "options": {k: v for k, v in dataclasses.asdict(opts).items()},
