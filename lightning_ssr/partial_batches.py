@@ -18,8 +18,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_ssr.core.config import SSRConfig
-from lightning_ssr.core.partial import PartialBatches
+from lightning_ssr.core.partial import PartialBatches, refuse_double_scaling
 
 __all__ = ["PartialBatchScaling"]
 
@@ -70,13 +69,7 @@ class PartialBatchScaling(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for cb in trainer.callbacks:  # SynapticScaling (not imported: it builds on this module)
-            if isinstance(getattr(cb, "config", None), SSRConfig) and cb.config.scale_partial_batches:
-                raise ValueError(
-                    "`callbacks` must not hold PartialBatchScaling beside a SynapticScaling with "
-                    "`scale_partial_batches=True` (it already scales partial batches: the step would be "
-                    "scaled twice), got both; drop PartialBatchScaling or pass `scale_partial_batches=False`"
-                )
+        refuse_double_scaling(trainer.callbacks, "callbacks", type(self).__name__, "a SynapticScaling")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -92,7 +85,7 @@ class PartialBatchScaling(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not trainer.sanity_checking:
-            self.partial.before_step(p for p in pl_module.parameters() if p.requires_grad)
+            self.partial.before_step(pl_module.parameters())
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

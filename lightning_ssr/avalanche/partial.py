@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from avalanche.training.plugins import SupervisedPlugin
 from typing_extensions import override
 
-from lightning_ssr.core.partial import PartialBatches
+from lightning_ssr.core.partial import PartialBatches, refuse_double_scaling
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -56,19 +56,12 @@ class PartialBatchPlugin(SupervisedPlugin):
 
     @override
     def before_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
-        from lightning_ssr.avalanche.plugin import SSRPlugin
-
-        if any(isinstance(p, SSRPlugin) and p.config.scale_partial_batches for p in strategy.plugins):
-            raise ValueError(
-                "`plugins` must not hold PartialBatchPlugin beside an SSRPlugin with `scale_partial_batches=True` "
-                "(it already scales partial batches: the step would be scaled twice), got both; drop "
-                "PartialBatchPlugin or pass `scale_partial_batches=False`"
-            )
+        refuse_double_scaling(strategy.plugins, "plugins", type(self).__name__, "an SSRPlugin")
 
     @override
     def before_update(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         self.partial.observe(len(strategy.mb_x))
-        self.partial.before_step(p for p in strategy.model.parameters() if p.requires_grad)
+        self.partial.before_step(strategy.model.parameters())
 
     @override
     def after_update(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:

@@ -189,7 +189,7 @@ class SSREngine:
         importance, divides the gradients of protected neurons (``protection="gradient"``), or
         snapshots their weights (``protection="update"``).
         """
-        self.partial.before_step(p for p in self.model.parameters() if p.requires_grad)
+        self.partial.before_step(self.model.parameters())
         self._resolve_consumers()
         if not self._checked and self.sensor.sensing:
             check_sensed(self.layers)  # refuses before the first step when nothing is sensed

@@ -26,7 +26,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PartialBatches"]
+from lightning_ssr.core.config import SSRConfig
+
+__all__ = ["PartialBatches", "refuse_double_scaling"]
 
 
 class PartialBatches:
@@ -72,7 +74,8 @@ class PartialBatches:
         self.samples += int(samples)
 
     def before_step(self, params: Iterable[nn.Parameter]) -> None:
-        """Gradients are final: if the step is partial, scale them by ``n / N`` and snapshot ``params``."""
+        """Gradients are final: if the step is partial, scale them by ``n / N`` and snapshot the
+        trainable ``params`` that have one (frozen parameters are left out)."""
         samples, self.samples = self.samples, 0
         self._snapshot = []
         if not self.enabled or samples <= 0:
@@ -83,7 +86,7 @@ class PartialBatches:
         self._factor = samples / self.full
         with torch.no_grad():
             for p in params:
-                if p.grad is None:
+                if p.grad is None or not p.requires_grad:
                     continue
                 p.grad.mul_(self._factor)
                 self._snapshot.append((p, p.detach().clone()))
@@ -110,3 +113,32 @@ class PartialBatches:
         self.full = int(state.get("full", 0))
         self.samples = int(state.get("samples", 0))
         self.scaled = int(state.get("scaled", 0))
+
+
+def refuse_double_scaling(others: Iterable[object], argument: str, owner: str, other: str) -> None:
+    """Raise if one of ``others`` is an SSR front end that already scales partial batches.
+
+    A standalone front end of :class:`PartialBatches` beside ``SynapticScaling`` or ``SSRPlugin``
+    with ``scale_partial_batches=True`` would scale the step twice. The SSR front ends are
+    recognized by their :class:`~lightning_ssr.core.config.SSRConfig`.
+
+    Args:
+        others: the callbacks or plugins beside ``owner``.
+        argument: their argument's name in the error (``"callbacks"``, ``"plugins"``).
+        owner: the standalone front end's name.
+        other: the SSR front end it must not sit beside, with its article (``"a SynapticScaling"``).
+
+    Example:
+        >>> class Front:
+        ...     config = SSRConfig()
+        >>> refuse_double_scaling([Front()], "plugins", "PartialBatchPlugin", "an SSRPlugin")
+        Traceback (most recent call last):
+        ...
+        ValueError: `plugins` must not hold PartialBatchPlugin beside an SSRPlugin with `scale_partial_batches=True` ...
+    """
+    if any(isinstance(getattr(o, "config", None), SSRConfig) and o.config.scale_partial_batches for o in others):
+        raise ValueError(
+            f"`{argument}` must not hold {owner} beside {other} with `scale_partial_batches=True` (it already "
+            f"scales partial batches: the step would be scaled twice), got both; drop {owner} or pass "
+            "`scale_partial_batches=False`"
+        )
