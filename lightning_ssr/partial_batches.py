@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_ssr.core.partial import PartialBatches, refuse_double_scaling
@@ -24,7 +25,14 @@ __all__ = ["PartialBatchScaling"]
 
 
 def observe_batch(partial: PartialBatches, batch: Any, owner: str) -> None:
-    """Report a training batch's size, as Lightning reads it, to ``partial``; warn and switch it off if unreadable."""
+    """Report a training batch's size, as Lightning reads it, to ``partial``; warn and switch it off if unreadable.
+
+    An ``(x, y, ...)`` batch led by a tensor is read directly (Lightning's ``extract_batch_size``
+    returns the same, the first tensor's length, at about ten times the cost per step).
+    """
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        partial.observe(batch[0].shape[0] if batch[0].dim() else 1)
+        return
     try:
         partial.observe(extract_batch_size(batch))
     except MisconfigurationException:

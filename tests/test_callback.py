@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,6 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import FunctionalMLP, tiny_cnn, tiny_mlp
 from lightning_ssr import PartialBatchScaling, SSRConfig, SynapticScaling
 from lightning_ssr.core import NonFiniteActivityWarning
+from lightning_ssr.core.partial import PartialBatches
+from lightning_ssr.partial_batches import observe_batch
 
 HERE = Path(__file__).parent
 
@@ -390,6 +393,20 @@ def test_partial_batch_scaling_saves_its_state_and_refuses_to_scale_twice(tmp_pa
     with pytest.raises(ValueError, match="must not hold PartialBatchScaling beside a SynapticScaling"):
         _trainer([PartialBatchScaling(), SynapticScaling()]).fit(Classifier(tiny_mlp()), _loader(n=40))
     _trainer([PartialBatchScaling(), SynapticScaling(scale_partial_batches=False)]).fit(Classifier(tiny_mlp()), _loader(n=40))
+
+
+@pytest.mark.parametrize("batch", [
+    (torch.zeros(7, 3), torch.zeros(7)),
+    [torch.zeros(5, 2, 2)],
+    (torch.tensor(3.0), torch.zeros(4)),
+    ((torch.zeros(6, 2), torch.zeros(9, 2)), torch.zeros(6)),
+    {"x": torch.zeros(8, 1), "y": torch.zeros(8)},
+    ("text", torch.zeros(2, 1)),
+], ids=["pair", "list", "scalar-first", "nested", "dict", "string-first"])
+def test_the_batch_size_is_read_as_lightning_reads_it(batch: Any) -> None:
+    partial = PartialBatches(enabled=True)
+    observe_batch(partial, batch, "test")
+    assert partial.samples == extract_batch_size(batch)
 
 
 class _Batch:
