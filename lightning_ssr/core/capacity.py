@@ -16,6 +16,7 @@ restored checkpoint recomputes it exactly.
 
 from __future__ import annotations
 
+import numpy as np
 from torch import Tensor
 
 from lightning_ssr.core import rules
@@ -57,10 +58,11 @@ def adaptive_strength(importance: Tensor, strength: float, min_plasticity: float
     """
     if min_plasticity <= 0.0 or strength <= 0.0 or mean_plasticity(importance, strength) >= min_plasticity:
         return float(strength)
+    imp = importance.detach().double().cpu().numpy()  # one copy: no device sync, no torch call per step
     low, high = 0.0, float(strength)
     for _ in range(iters):
         mid = 0.5 * (low + high)
-        if mean_plasticity(importance, mid) >= min_plasticity:
+        if float(np.mean(1.0 / (1.0 + mid * imp))) >= min_plasticity:
             low = mid
         else:
             high = mid
