@@ -56,13 +56,19 @@ def adaptive_strength(importance: Tensor, strength: float, min_plasticity: float
         >>> round(adaptive_strength(spread, 10.0, 0.5), 4)  # 1 / (1 + s) = 0.5
         1.0
     """
-    if min_plasticity <= 0.0 or strength <= 0.0 or mean_plasticity(importance, strength) >= min_plasticity:
+    if min_plasticity <= 0.0 or strength <= 0.0:
         return float(strength)
-    imp = importance.detach().double().cpu().numpy()  # one copy: no device sync, no torch call per step
+    imp = importance.detach().double().cpu().numpy()  # one copy: no device sync, no torch call per bisection step
+
+    def keeps(s: float) -> bool:
+        return float(np.mean(1.0 / (1.0 + s * imp))) >= min_plasticity
+
+    if keeps(float(strength)):
+        return float(strength)
     low, high = 0.0, float(strength)
     for _ in range(iters):
         mid = 0.5 * (low + high)
-        if float(np.mean(1.0 / (1.0 + mid * imp))) >= min_plasticity:
+        if keeps(mid):
             low = mid
         else:
             high = mid
