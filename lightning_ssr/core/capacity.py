@@ -61,7 +61,7 @@ def adaptive_strength(importance: Tensor, strength: float, min_plasticity: float
     imp = importance.detach().double().cpu().numpy()  # one copy: no device sync, no torch call per bisection step
 
     def keeps(s: float) -> bool:
-        return float(np.mean(1.0 / (1.0 + s * imp))) >= min_plasticity
+        return float(np.mean(rules.protection_gate(imp, s))) >= min_plasticity
 
     if keeps(float(strength)):
         return float(strength)

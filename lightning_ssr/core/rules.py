@@ -7,7 +7,9 @@ computes its updates with these functions, so the maths lives in one place and i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,6 +24,9 @@ __all__ = [
     "relative_importance",
     "protection_gate",
 ]
+
+#: What :func:`protection_gate` takes and returns alike.
+GateInput = TypeVar("GateInput", Tensor, np.ndarray)
 
 _PHI: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
@@ -152,8 +157,9 @@ def relative_importance(values: Tensor, eps: float) -> Tensor:
     return values / values.mean().clamp_min(eps)
 
 
-def protection_gate(importance: Tensor, strength: float) -> Tensor:
-    """Per-neuron plasticity ``1 / (1 + strength * importance)``: 1 for a free neuron.
+def protection_gate(importance: GateInput, strength: float) -> GateInput:
+    """Per-neuron plasticity ``1 / (1 + strength * importance)``: 1 for a free neuron (a tensor, or a
+    numpy array for capacity adaptation's bisection on the CPU).
 
     Example:
         >>> protection_gate(torch.tensor([0.0, 1.0, 3.0]), 1.0)
