@@ -175,6 +175,24 @@ def test_protected_neurons_change_less_than_without_the_plugin(split_fmnist: Con
     assert change["ssr"] < 0.5 * change["naive"], change
 
 
+def test_subspace_protection_runs_inside_a_strategy_and_holds_old_inputs(split_fmnist: ContinualBenchmark) -> None:
+    torch.manual_seed(0)
+    model = _mlp(split_fmnist)
+    ssr = SSRPlugin(subspace_energy=0.6)
+    strategy = _strategy(model, [ssr])
+    strategy.train(split_fmnist.train_stream[0])
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    bases = ssr.engine.subspace.bases
+    name = next(n for n, st in ssr.engine.layers.items() if st.module is first)
+    assert bases[name].shape[1] > 0  # the first experience's inputs, read on the sensed steps
+    w_old = first.weight.detach().clone()
+    strategy.train(split_fmnist.train_stream[1])
+    drift = (first.weight.detach() - w_old) @ bases[name].to(w_old.dtype)
+    assert float(drift.abs().max()) < 1e-4  # no drift along the old inputs' directions
+    assert float((first.weight.detach() - w_old).abs().max()) > 1e-3  # while the layer learned the second task
+    assert ssr.extra_state_bytes() > sum(b.numel() * 4 for b in bases.values())  # the bases are counted
+
+
 def test_anchor_lr_reads_the_strategys_optimizer(split_fmnist: ContinualBenchmark) -> None:
     """Under Adam 1e-3, ``anchor_rate=0.5, anchor_lr=0.01`` pulls as a fixed ``anchor_rate=0.05``."""
     torch.manual_seed(0)

@@ -143,7 +143,7 @@ def test_a_new_lightning_module_around_the_same_network_keeps_the_ssr_state() ->
     cb = SynapticScaling(consolidation=5.0)
     _trainer([cb]).fit(Classifier(net), _loader(seed=1))
     importance = cb.engine.layers["net.0"].importance.clone()
-    anchors = cb.engine.anchoring.state_dict(cb.engine._param_names())
+    anchors = cb.engine.anchoring.state_dict(cb.engine.param_names())
     assert cb.engine.tasks == 1 and anchors
     _trainer([cb], max_steps=1).fit(Classifier(net), _loader(seed=2))  # a new wrapper for task 2
     assert cb.engine.tasks == 2, "the first task's state was dropped with its LightningModule"
@@ -461,8 +461,9 @@ def _resume_run(tmp_path: Path, stop: bool, **extra: Any) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("extra", [{"protection": "update"}, {"protection": "anchor", "anchor_rate": 0.3, "min_plasticity": 0.5},
-                                   {"protection": "anchor", "output_targets": True}],
-                         ids=["update", "anchor-capacity", "anchor-output-targets"])
+                                   {"protection": "anchor", "output_targets": True},
+                                   {"protection": "anchor", "subspace_energy": 0.9}],
+                         ids=["update", "anchor-capacity", "anchor-output-targets", "anchor-subspace"])
 def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> None:
     weights_a, state_a = _resume_run(tmp_path, stop=False, **extra)
     weights_b, state_b = _resume_run(tmp_path, stop=True, **extra)
@@ -481,6 +482,12 @@ def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> 
                     assert_close(state_b[group][name][key], value, rtol=0, atol=0, equal_nan=True)
                 else:
                     assert state_b[group][name][key] == value
+    if extra.get("subspace_energy"):  # task 2's bases come from input sums that spanned the resume
+        sub_a, sub_b = state_a["subspace"], state_b["subspace"]
+        assert sub_a["bases"] and sub_a["counts"] == sub_b["counts"]
+        for part in ("bases", "sums"):
+            for name, value in sub_a[part].items():
+                assert_close(sub_b[part][name], value, rtol=0, atol=0)
     if extra.get("output_targets"):  # the targets were counted (and folded into importance at the task's end)
         assert all("targets" in o and float(o["importance"].sum()) > 0 for o in state_a["outputs"].values())
 
@@ -564,12 +571,13 @@ def test_sharded_strategy_is_refused() -> None:
 # -------------------------------------------------------------------- DDP
 
 
-@pytest.mark.parametrize("output_targets", [False, True], ids=["output-wins", "output-targets"])
-def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path, output_targets: bool) -> None:
+@pytest.mark.parametrize(("output_targets", "subspace"), [(False, False), (True, False), (True, True)],
+                         ids=["output-wins", "output-targets", "output-targets-subspace"])
+def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path, output_targets: bool, subspace: bool) -> None:
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}:{HERE}"}
     subprocess.run(
         [sys.executable, str(HERE / "scripts" / "ddp_train.py"), "--out", str(tmp_path),
-         *(["--output-targets"] if output_targets else [])],
+         *(["--output-targets"] if output_targets else []), *(["--subspace"] if subspace else [])],
         check=True, env=env, cwd=tmp_path, timeout=240, capture_output=True,
     )
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -583,6 +591,11 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path, output_target
             for key, value in layer.items():
                 if isinstance(value, torch.Tensor):
                     assert_close(r1["ssr"][group][name][key], value, rtol=0, atol=0, equal_nan=True)
+    if subspace:  # the ranks read different inputs; one reduction at each task's end gives both the same bases
+        bases = r0["ssr"]["subspace"]["bases"]
+        assert sorted(bases) == ["net.0", "net.2", "net.4"] and all(b.shape[1] > 0 for b in bases.values())
+        for name, basis in bases.items():
+            assert_close(r1["ssr"]["subspace"]["bases"][name], basis, rtol=0, atol=0)
     if output_targets:  # output importance from the targets: classes 0 and 1, then class 2
         importance = r0["ssr"]["outputs"]["net.4"]["importance"]
         assert bool((importance > 0).all())

@@ -121,6 +121,8 @@ METHODS: dict[str, Method] = {
              "earlier default)", recycle_shared_head=True),
         _ssr("ssr-full-partial", "SSR ablation: a smaller last batch takes a full optimizer step, not one scaled by "
              "its samples (the earlier behaviour)", scale_partial_batches=False),
+        _ssr("ssr-subspace", "SSR with input-subspace protection (subspace_energy=0.6): each layer's drift kept off "
+             "the directions its past tasks' inputs used", subspace_energy=0.6),
         _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
         _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (scaling only)", consolidation=0.0),

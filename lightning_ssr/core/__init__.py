@@ -5,8 +5,10 @@ One module per part of the mechanism: :mod:`~lightning_ssr.core.sensing` (activi
 :mod:`~lightning_ssr.core.consolidation` (importance), :mod:`~lightning_ssr.core.protection`
 (gates on updates), :mod:`~lightning_ssr.core.topology` (who consumes whose neurons),
 :mod:`~lightning_ssr.core.capacity` (each layer's strength), :mod:`~lightning_ssr.core.anchoring`
-(the pull toward past weights), :mod:`~lightning_ssr.core.recycling` (fresh unused neurons);
-:class:`SSREngine` composes them, and :mod:`~lightning_ssr.core.rules` holds the maths.
+(the pull toward past weights), :mod:`~lightning_ssr.core.recycling` (fresh unused neurons),
+:mod:`~lightning_ssr.core.subspace` (drift kept off past inputs' directions);
+:class:`SSREngine` composes them, :mod:`~lightning_ssr.core.persistence` saves and restores it, and
+:mod:`~lightning_ssr.core.rules` holds the maths.
 """
 
 from lightning_ssr.core import rules

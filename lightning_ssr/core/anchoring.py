@@ -132,6 +132,10 @@ class Anchoring:
                     anchor = self._anchors[id(p)] = anchor.to(p.device)
                 as_view(p, shape).lerp_(as_view(anchor, shape), w)
 
+    def anchor_of(self, p: nn.Parameter) -> Optional[Tensor]:
+        """The anchor of ``p`` (``None`` where it has none)."""
+        return self._anchors.get(id(p))
+
     def nbytes(self) -> int:
         """Bytes held by the anchors (one copy of the gated weights)."""
         return sum(t.numel() * t.element_size() for t in self._anchors.values())

@@ -123,6 +123,14 @@ class SSRConfig:
             (plain 98.6 / 75.8 / 19.6). Scaling the pull up above ``anchor_lr`` lost on every
             digits stream at ``lr=3e-3`` (98.3 / 78.0 / 16.7 against 98.6 / 79.2 / 17.8), so it
             does not; at ``lr=1e-3``, where the other defaults were chosen, it changes nothing.
+        subspace_energy: input-subspace protection, with ``protection="anchor"``: each anchored
+            layer keeps an orthonormal basis of the directions that carry this share of every past
+            task's input energy (Gradient Projection Memory's criterion), and every ``update_every``
+            steps its weights' drift from their anchors is taken out of that span
+            (:mod:`~lightning_ssr.core.subspace`), so old inputs keep the outputs they were learned
+            with, whatever the importance of the neurons that moved. In ``[0, 1)``; ``0`` switches
+            it off. State: the bases, and during a task ``in_features^2`` floats per layer.
+            Default: ``0.0``.
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
             input columns) where the consumer is a tracked layer. Default: ``True``.
         protect_output: also protect the synapses into the (untracked) output layer, each by the
@@ -191,6 +199,7 @@ class SSRConfig:
     protection: str = "anchor"
     anchor_rate: float = 0.1
     anchor_lr: Optional[float] = 1e-3
+    subspace_energy: float = 0.0
     gate_outgoing: bool = True
     protect_output: bool = True
     output_targets: bool = True
@@ -222,6 +231,10 @@ class SSRConfig:
         check_number("anchor_rate", self.anchor_rate, 0.0, 1.0, low_open=True)
         if self.anchor_lr is not None:
             check_number("anchor_lr", self.anchor_lr, 0.0, low_open=True)
+        check_number("subspace_energy", self.subspace_energy, 0.0, 1.0, high_open=True)
+        if self.subspace_energy > 0 and self.protection != "anchor":
+            raise ValueError(f"`subspace_energy={self.subspace_energy:g}` projects the drift from the anchors, so it needs "
+                             f"protection=\"anchor\", got protection={self.protection!r}")
         check_number("eps", self.eps, 0.0, 1.0, low_open=True)
         for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias", "output_targets",
                      "recycle_shared_head", "scale_partial_batches"):

@@ -7,7 +7,8 @@ Plain PyTorch: no Lightning or Avalanche import. The parts, each in its own modu
 * :class:`~lightning_ssr.core.consolidation.Consolidation`: importance at the end of each task;
 * :class:`~lightning_ssr.core.protection.Protection`: gates on important neurons' updates;
 * :class:`~lightning_ssr.core.topology.ConsumerFinder`: which layer reads each layer's neurons;
-* :class:`~lightning_ssr.core.partial.PartialBatches`: a smaller last batch's step scaled down.
+* :class:`~lightning_ssr.core.partial.PartialBatches`: a smaller last batch's step scaled down;
+* :class:`~lightning_ssr.core.subspace.InputSubspace`: drift kept off past inputs' directions.
 
 The Lightning callback and the Avalanche plugin drive one :class:`SSREngine` through four calls
 (and report each training batch's size to ``engine.partial.observe``):
@@ -35,15 +36,16 @@ from lightning_ssr.core.consolidation import Consolidation
 from lightning_ssr.core.homeostasis import Homeostasis
 from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES, find_layers, find_output_layers
 from lightning_ssr.core.partial import PartialBatches
+from lightning_ssr.core.persistence import engine_state, load_engine_state
 from lightning_ssr.core.protection import Protection
 from lightning_ssr.core.recycling import Recycling
 from lightning_ssr.core.sensing import ActivitySensor, ReduceFn, check_sensed, split_means
 from lightning_ssr.core.state import LayerState
+from lightning_ssr.core.subspace import InputSubspace
 from lightning_ssr.core.topology import ConsumerFinder
 
 __all__ = ["ReduceFn", "LayerState", "SSREngine", "NonFiniteActivityWarning"]
 
-_STATE_VERSION = 1
 
 
 class NonFiniteActivityWarning(RuntimeWarning):
@@ -52,18 +54,6 @@ class NonFiniteActivityWarning(RuntimeWarning):
 
 def _warn_non_finite(message: str) -> None:
     warnings.warn(message, NonFiniteActivityWarning, stacklevel=4)
-
-
-def _check_saved_state(state: Mapping[str, Any], layers: Mapping[str, LayerState], outputs: Mapping[str, LayerState]) -> None:
-    """Refuse a saved state of another version or of other tracked layers."""
-    if state.get("version") != _STATE_VERSION:
-        raise ValueError(f"SSR state version {state.get('version')!r} is not supported (expected {_STATE_VERSION})")
-    saved, ours = sorted(state["layers"]), sorted(layers)
-    if saved != ours:
-        raise ValueError(f"SSR state holds layers {saved}, but this model tracks {ours}")
-    saved_out, our_out = sorted(state.get("outputs", {})), sorted(outputs)
-    if saved_out != our_out:
-        raise ValueError(f"SSR state holds output layers {saved_out}, but this model senses {our_out}")
 
 
 class SSREngine:
@@ -134,9 +124,12 @@ class SSREngine:
         #: Reports a skipped update (non-finite activity); front ends may route it to their own logging.
         self.warn: Callable[[str], None] = _warn_non_finite
         penalty_mode = cfg.protection == "penalty" and cfg.consolidation > 0
+        self.subspace = InputSubspace(cfg.subspace_energy if cfg.consolidation > 0 else 0.0)
+        self.subspace.check([*self.layers.values(), *self.outputs.values()])
         self.sensor = ActivitySensor(self.layers, self.outputs, self.phi,
                                      keep_live=(lambda: self.tasks > 0) if penalty_mode else None,
-                                     sense=lambda: self.task_step % self._sense_period == 0, count_targets=cfg.output_targets)
+                                     sense=lambda: self.task_step % self._sense_period == 0, count_targets=cfg.output_targets,
+                                     observe_input=self.subspace.observe if self.subspace.enabled else None)
         self.homeostasis = Homeostasis(cfg)
         self.consolidation = Consolidation(cfg)
         self.protection = Protection(cfg)
@@ -222,9 +215,10 @@ class SSREngine:
         self.task_step += 1
         self._window += 1
         self.sensor.follow()  # the hooks are registered for the steps that sense only
-        if self.step % self.config.update_every:
-            return False
-        return self._update()
+        updated = self.step % self.config.update_every == 0 and self._update()
+        if self.protecting:  # last: the pull and the scaling move weights in every direction
+            self.subspace.project(self.sensor.states(), self.anchoring.anchor_of)
+        return updated
 
     def _update(self, scale: bool = True) -> bool:
         cfg = self.config
@@ -279,7 +273,7 @@ class SSREngine:
 
     def named_parameters_gated(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters whose gradients or updates protection changes (for inspection)."""
-        names = self._param_names()
+        names = self.param_names()
         return ((names.get(id(p), "?"), p) for p in self.protection.parameters())
 
     # ---------------------------------------------------------- consolidation
@@ -303,6 +297,7 @@ class SSREngine:
         self.recycling.after_task(self.layers.values(), self.model, self.tasks, self.config.recycle_shared_head)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
+        self.subspace.consolidate(self.sensor.states(), self.reduce_fn)
         if self.protecting:
             self.anchoring.set_anchors(self.protection.parameters())
         if self.attached:
@@ -327,42 +322,16 @@ class SSREngine:
         """Bytes the engine stores beyond the model: O(neurons), plus one copy of the gated
         weights with ``protection="anchor"``."""
         per_neuron = sum(t.numel() * t.element_size() for st in self.sensor.states() for t in st.tensors().values())
-        return per_neuron + self.anchoring.nbytes()
+        return per_neuron + self.anchoring.nbytes() + self.subspace.nbytes()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: counters and every per-neuron tensor."""
-        return {
-            "version": _STATE_VERSION,
-            "step": self.step,
-            "task_step": self.task_step,
-            "tasks": self.tasks,
-            "skipped": self.skipped,
-            "window": self._window, "fed": self.recycling.fed,  # the modules fed at the last task's end
-            "partial": self.partial.state_dict(),
-            "layers": {name: st.state_dict() for name, st in self.layers.items()},
-            "outputs": {name: st.state_dict() for name, st in self.outputs.items()},
-            **({"anchors": self.anchoring.state_dict(self._param_names())} if self.anchoring.enabled else {}),
-        }
-
-    def _param_names(self) -> dict[int, str]:
+    def param_names(self) -> dict[int, str]:
+        """``id(parameter)`` to its name in the model."""
         return {id(p): n for n, p in self.model.named_parameters()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (:func:`~lightning_ssr.core.persistence.engine_state`)."""
+        return engine_state(self)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (same tracked layers); a ``recycled`` entry writes back recycled weights."""
-        _check_saved_state(state, self.layers, self.outputs)
-        self.step, self.task_step = int(state["step"]), int(state["task_step"])
-        self.sensor.follow()
-        self.tasks, self.skipped = int(state["tasks"]), int(state["skipped"])
-        self._window, self.recycling.fed = int(state["window"]), state.get("fed")  # no "fed" in older states
-        self.partial.load_state_dict(state.get("partial", {}))
-        for name, st in self.layers.items():
-            st.load_state_dict(state["layers"][name])
-        for name, st in self.outputs.items():
-            st.load_state_dict(state["outputs"][name])
-        if self.tasks:
-            self._consolidated = {id(p) for p in self.model.parameters()}
-            self._refresh_gates()
-        if self.anchoring.enabled:
-            self.anchoring.load_state_dict(state.get("anchors", {}), dict(self.model.named_parameters()))
-        if state.get("recycled"):  # an open task's state: the weights its end's recycling overwrote
-            self.recycling.restore(self.layers, self.model, state["recycled"])
+        """Restore :meth:`state_dict` (same tracked layers)."""
+        load_engine_state(self, state)

@@ -41,6 +41,8 @@ class ActivitySensor:
             loss-side penalty) once ``keep_live()`` returns true.
         sense: whether this step's forwards are sensed, asked at each forward (the engine senses
             one optimizer step in ``sense_every``); ``None`` senses every forward.
+        observe_input: called with each hooked layer and its input on the sensed forwards
+            (:class:`~lightning_ssr.core.subspace.InputSubspace` reads a few rows).
         count_targets: also count, on the output layers, how often each unit is the target
             (:func:`~lightning_ssr.core.rules.target_counts`, in a gradient hook); the counts
             travel in the same flush and add up in each output state's ``targets``.
@@ -64,6 +66,7 @@ class ActivitySensor:
         keep_live: Optional[Callable[[], bool]] = None,
         sense: Optional[Callable[[], bool]] = None,
         count_targets: bool = False,
+        observe_input: Optional[Callable[[LayerState, Tensor], None]] = None,
     ) -> None:
         self.layers = layers
         self.outputs = outputs
@@ -75,6 +78,7 @@ class ActivitySensor:
         self._hook_fns: list[tuple[nn.Module, Callable[..., None]]] = []  # built once per attachment
         self._attached = False
         self._sense = sense
+        self.observe_input = observe_input
 
     @property
     def sensing(self) -> bool:
@@ -139,6 +143,8 @@ class ActivitySensor:
             if sensing:
                 st.acc.add_(rules.winner_counts(output, cdim) if output_layer else rules.neuron_activity(output, phi, cdim))
                 st.acc_count += 1
+                if self.observe_input is not None and inputs and isinstance(inputs[0], Tensor):
+                    self.observe_input(st, inputs[0])
                 if output_layer and st.count_targets and output.requires_grad:
                     def count_targets(grad: Tensor) -> None:  # reads the gradient, returns nothing
                         st.target_acc.add_(rules.target_counts(grad, cdim))

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--wandb", action="store_true")
     parser.add_argument("--output-targets", action="store_true",
                         help="SSR with output_targets, and a second (class-incremental) task trained toward class 2")
+    parser.add_argument("--subspace", action="store_true", help="with --output-targets: also subspace_energy=0.9")
     args = parser.parse_args()
     out = Path(args.out)
     L.seed_everything(0)
@@ -52,7 +53,7 @@ def main() -> None:
     local: dict[str, torch.Tensor] = {}
     model.net[0].register_forward_hook(lambda m, i, o: local.__setitem__("a", torch.relu(o.detach()).mean(0)))
     cb = SynapticScaling(scaling_rate=0.5, set_point="layer_mean", warmup_steps=1, consolidation=1.0, update_every=2,
-                         output_targets=args.output_targets)
+                         output_targets=args.output_targets, subspace_energy=0.9 if args.subspace else 0.0)
     if args.output_targets:
         y = y.clamp(max=1)  # task 1: classes 0 and 1
         loader = DataLoader(TensorDataset(x, y), batch_size=16)

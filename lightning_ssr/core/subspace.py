@@ -1,0 +1,199 @@
+"""Input-subspace protection: keep each layer's drift off the directions its past inputs used.
+
+A layer's output on an old task's input ``x`` is ``W x``; after later tasks it is ``(A + D) x``,
+``A`` the weights at the last task's end (the anchors) and ``D = W - A`` the drift. The drift
+changes the old outputs only through its component in the span of the old inputs. In the spirit of
+Gradient Projection Memory (Saha et al. 2021), each anchored layer keeps an orthonormal basis ``U``
+of the directions that carry ``energy`` of its past tasks' input energy (their uncentered second
+moment), and every ``update_every`` optimizer steps the drift is taken out of that span:
+
+    W <- W - (W - A) U U^T
+
+so old inputs see the weights they were learned with, while the directions no old input used (and
+every synapse within them, whatever its neuron's importance) stay free for the next task. This is
+what node importance cannot do where every neuron is shared: a neuron that no past task needed
+(one protection leaves free) still cannot change its response to old inputs, which is how free
+neurons made SSR forget (see the README, "What SSR does not do yet").
+
+State: the basis, ``in_features x k`` per layer (``k <= in_features``), and, during a task, the sum
+of ``x x^T`` over a few input rows of each sensed step (``in_features^2``; reduced across processes
+once, at the task's end). A convolution's inputs are its patches (``Conv2d`` with ``groups=1``);
+a layer of another type is reported by :meth:`InputSubspace.unsupported` and left out.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_ssr.core.state import LayerState
+
+__all__ = ["InputSubspace", "supports", "input_rows"]
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether the inputs of ``module`` can be read as rows of its weight's columns: a ``Linear``, or a
+    ``Conv2d`` with one group (its patches)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def input_rows(module: nn.Module, x: Tensor, rows: int) -> Tensor:
+    """At most ``rows`` inputs of ``module`` as a float32 ``(n, in)`` matrix whose columns match the
+    weight viewed as ``(out, in)`` (a convolution's patches, spread over the batch and positions).
+
+    Example:
+        >>> input_rows(nn.Linear(3, 2), torch.ones(5, 3), rows=2).shape
+        torch.Size([2, 3])
+        >>> input_rows(nn.Conv2d(2, 4, 3, padding=1), torch.ones(1, 2, 5, 5), rows=8).shape
+        torch.Size([8, 18])
+    """
+    x = x.detach()
+    if isinstance(module, nn.Conv2d):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        x = x[: max(1, rows // 4)]  # a few images: their patches give the rows
+        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        x = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        step = max(1, x.shape[0] // rows)
+        return x[::step][:rows].float()
+    return x.reshape(-1, x.shape[-1])[:rows].float()
+
+
+class InputSubspace:
+    """Per anchored layer, the basis of its past inputs, and the projection of its drift off it.
+
+    Args:
+        energy: the share of each past task's input energy whose directions are protected, in
+            ``[0, 1)``; ``0`` switches the part off.
+        rows: input rows read per layer on each sensed step.
+
+    Example:
+        >>> lin = nn.Linear(3, 2, bias=False)
+        >>> st, sub = LayerState("0", lin), InputSubspace(energy=0.9)
+        >>> sub.observe(st, torch.tensor([[1.0, 0.0, 0.0]] * 4))
+        >>> sub.consolidate([st], reduce_fn=None)
+        >>> sub.bases["0"].abs().flatten().tolist()  # the first input direction
+        [1.0, 0.0, 0.0]
+        >>> anchor = lin.weight.detach().clone()
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.add_(1.0)
+        >>> sub.project([st], lambda p: anchor)
+        >>> drift = lin.weight - anchor  # along the old input removed, the rest kept
+        >>> drift.abs().max(dim=0).values.round(decimals=4).tolist()
+        [0.0, 1.0, 1.0]
+    """
+
+    def __init__(self, energy: float, rows: int = 32) -> None:
+        self.energy = float(energy)
+        self.rows = int(rows)
+        self.bases: dict[str, Tensor] = {}  # per layer name: (in, k), orthonormal columns
+        self._sums: dict[str, Tensor] = {}  # this task: sum of x x^T over the rows read
+        self._counts: dict[str, int] = {}
+        self._held: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: anchor, basis, A U
+
+    @property
+    def enabled(self) -> bool:
+        return self.energy > 0
+
+    def check(self, states: Iterable[LayerState]) -> None:
+        """Warn, naming them, about the layers whose inputs this part cannot read (left to anchoring alone)."""
+        left = [st.name for st in states if not supports(st.module)]
+        if self.enabled and left:
+            warnings.warn(f"subspace_energy: layers {left} are neither Linear nor one-group Conv2d; their drift "
+                          "is not projected (node-importance anchoring still holds them)", stacklevel=3)
+
+    def observe(self, st: LayerState, x: Tensor) -> None:
+        """A sensed training forward: add a few of the layer's input rows to this task's sum."""
+        name, module = st.name, st.module
+        if not supports(module):
+            return
+        rows = input_rows(module, x, self.rows)
+        outer = rows.T @ rows
+        if name in self._sums:
+            self._sums[name].add_(outer)
+        else:
+            self._sums[name] = outer
+        self._counts[name] = self._counts.get(name, 0) + rows.shape[0]
+
+    def consolidate(self, states: Iterable[LayerState], reduce_fn: Optional[Callable[[Tensor], Tensor]]) -> None:
+        """End of a task: extend each layer's basis until it holds ``energy`` of the task's input
+        energy (what the basis already holds counts), and start the next task's sums."""
+        names = [st.name for st in states if st.name in self._sums and self._counts[st.name] > 0]
+        if names:
+            means = [self._sums[n] / self._counts[n] for n in names]
+            flat = torch.cat([m.flatten() for m in means])
+            if reduce_fn is not None:
+                flat = reduce_fn(flat)  # one collective: every replica extends the same bases
+            offset = 0
+            for n, m in zip(names, means):
+                second = flat[offset:offset + m.numel()].view_as(m).detach().double().cpu()
+                offset += m.numel()
+                self.bases[n] = self._extend(self.bases.get(n), second)
+        self._sums, self._counts, self._held = {}, {}, {}
+
+    def _extend(self, basis: Optional[Tensor], second: Tensor) -> Tensor:
+        total = float(torch.trace(second))
+        if basis is None:
+            basis = second.new_zeros((second.shape[0], 0))
+        basis = basis.double()
+        if total <= 0:
+            return basis.float()
+        held = float(torch.trace(basis.T @ second @ basis))
+        rest = second - basis @ (basis.T @ second)
+        rest = rest - (rest @ basis) @ basis.T  # the second moment outside the basis
+        values, vectors = torch.linalg.eigh(0.5 * (rest + rest.T))
+        values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+        need = self.energy * total - held
+        if need <= 0:
+            return basis.float()
+        k = int((torch.cumsum(values, 0) < need).sum()) + 1
+        k = min(k, second.shape[0] - basis.shape[1])
+        return torch.cat([basis, vectors[:, :k]], dim=1).float()
+
+    def project(self, states: Iterable[LayerState], anchor_of: Callable[[nn.Parameter], Optional[Tensor]]) -> None:
+        """``W <- W - (W - A) U U^T`` in place, for each layer with a basis and an anchor ``A`` of its weight.
+
+        Computed as ``W - (W U - A U) U^T`` with ``A U`` kept from the first call after the anchors
+        or the basis change: one read of ``W`` and one fused update, the cost of two thin matrix
+        products (``out x in x k``).
+        """
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for st in states:
+                weight, basis = st.module.weight, self.bases.get(st.name)
+                anchor = anchor_of(weight)
+                if basis is None or basis.shape[1] == 0 or anchor is None:
+                    continue
+                if basis.device != weight.device or basis.dtype != weight.dtype:
+                    basis = self.bases[st.name] = basis.to(device=weight.device, dtype=weight.dtype)
+                held = self._held.get(st.name)
+                if held is None or held[0] is not anchor or held[1] is not basis:
+                    held = self._held[st.name] = (anchor, basis, anchor.reshape(weight.shape[0], -1) @ basis)
+                if weight.is_contiguous():
+                    w = weight.view(weight.shape[0], -1)
+                    w.addmm_(w @ basis - held[2], basis.T, alpha=-1.0)
+                else:  # e.g. a channels_last convolution: the same update through a copy of its rows
+                    w = weight.reshape(weight.shape[0], -1)
+                    weight.sub_(((w @ basis - held[2]) @ basis.T).view(weight.shape))
+
+    def nbytes(self) -> int:
+        """Bytes held: the bases, this task's sums and each layer's ``A U``."""
+        held = [h[2] for h in self._held.values()]
+        return sum(t.numel() * t.element_size() for t in [*self.bases.values(), *self._sums.values(), *held])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bases": {n: t.detach().cpu().clone() for n, t in self.bases.items()},
+                "sums": {n: t.detach().cpu().clone() for n, t in self._sums.items()},
+                "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.bases = {n: t.clone() for n, t in state.get("bases", {}).items()}
+        self._sums = {n: t.clone() for n, t in state.get("sums", {}).items()}
+        self._counts = {n: int(c) for n, c in state.get("counts", {}).items()}
+        self._held = {}

@@ -1,0 +1,127 @@
+"""Input-subspace protection (``subspace_energy``): the bases, the projection, the engine around them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lightning_ssr.core import SSRConfig, SSREngine
+from lightning_ssr.core.state import LayerState
+from lightning_ssr.core.subspace import InputSubspace, input_rows
+
+
+def _rows_in(span: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` inputs that lie in the column span of ``span`` (``(in, r)``)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, span.shape[1], generator=g) @ span.T
+
+
+def test_the_basis_holds_the_asked_share_of_each_tasks_energy_and_grows_by_what_is_new() -> None:
+    lin = nn.Linear(6, 4)
+    st, sub = LayerState("0", lin), InputSubspace(energy=0.99, rows=64)
+    eye = torch.eye(6)
+    sub.observe(st, _rows_in(eye[:, :2], 64, 0))  # task 1: the first two input directions
+    sub.consolidate([st], reduce_fn=None)
+    basis = sub.bases["0"]
+    assert basis.shape == (6, 2)
+    assert_close(basis @ basis.T, torch.diag(torch.tensor([1.0, 1, 0, 0, 0, 0])), atol=1e-5, rtol=0)
+    sub.observe(st, _rows_in(eye[:, 1:4], 64, 1))  # task 2: one old direction, two new
+    sub.consolidate([st], reduce_fn=None)
+    basis = sub.bases["0"]
+    assert basis.shape == (6, 4)  # only the two new directions were added
+    assert_close(basis.T @ basis, torch.eye(4), atol=1e-5, rtol=0)
+    sub.observe(st, _rows_in(eye[:, :1], 16, 2))  # task 3: nothing new
+    sub.consolidate([st], reduce_fn=None)
+    assert sub.bases["0"].shape == (6, 4)
+
+
+def test_a_lower_energy_keeps_fewer_directions() -> None:
+    lin = nn.Linear(5, 3)
+    x = torch.randn(200, 5) * torch.tensor([10.0, 3.0, 1.0, 0.3, 0.1])
+    ks = []
+    for energy in (0.5, 0.9, 0.999):
+        st, sub = LayerState("0", lin), InputSubspace(energy=energy, rows=200)
+        sub.observe(st, x)
+        sub.consolidate([st], reduce_fn=None)
+        ks.append(sub.bases["0"].shape[1])
+    assert ks[0] < ks[1] < ks[2] and ks[0] >= 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_projection_keeps_old_outputs_and_leaves_the_rest_free(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+    st, sub = LayerState("c", conv), InputSubspace(energy=0.999, rows=512)
+    old = torch.zeros(8, 3, 6, 6)
+    old[:, 0] = torch.randn(8, 6, 6)  # old inputs live on channel 0 only
+    for _ in range(4):
+        sub.observe(st, old)
+    sub.consolidate([st], reduce_fn=None)
+    anchor = conv.weight.detach().clone(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        conv.weight.add_(torch.randn_like(conv.weight))  # a later task moves every synapse
+    moved = conv.weight.detach().clone()
+    sub.project([st], lambda p: anchor)
+    with torch.no_grad():
+        before = nn.functional.conv2d(old, anchor, conv.bias, padding=1)
+        after = conv(old)
+    assert_close(after, before, atol=1e-4, rtol=0)  # the old inputs see the old weights
+    assert_close(conv.weight[:, 1:], moved[:, 1:], atol=1e-5, rtol=0)  # channels no old input used stay free
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_input_rows_reads_patches_in_the_weights_column_order() -> None:
+    conv = nn.Conv2d(2, 3, 2, bias=False)
+    x = torch.randn(1, 2, 3, 3)
+    rows = input_rows(conv, x, rows=100)
+    assert rows.shape == (4, 8)
+    assert_close(rows @ conv.weight.detach().reshape(3, -1).T, conv(x).detach().flatten(2)[0].T, atol=1e-5, rtol=0)
+
+
+def test_the_engine_keeps_a_layers_response_to_the_first_tasks_inputs() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    cfg = SSRConfig(subspace_energy=0.999, sense_every=1, update_every=2, warmup_steps=0)
+    engine = SSREngine(net, cfg)
+    engine.attach()
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    eye = torch.eye(8)
+
+    def train(span: torch.Tensor, seed: int) -> None:
+        for i in range(20):
+            x = _rows_in(span, 32, seed * 100 + i)
+            y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            engine.before_step()
+            opt.step()
+            engine.after_step(opt)
+
+    train(eye[:, :3], 1)
+    engine.consolidate()
+    old = _rows_in(eye[:, :3], 50, 7)
+    w_old = net[0].weight.detach().clone()
+    train(eye[:, 2:], 2)  # task 2 on one shared input direction and five new ones, at a rate that moves all
+    assert not torch.allclose(net[0].weight, w_old, atol=1e-3)  # the layer learned task 2
+    assert_close(old @ net[0].weight.detach().T, old @ w_old.T, atol=1e-4, rtol=0)  # task 1's inputs see no change
+    assert engine.extra_state_bytes() > SSREngine(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
+                                                  SSRConfig()).extra_state_bytes()
+    engine.detach()
+
+
+def test_configuration_errors_name_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"`subspace_energy` must be in \[0.0, 1.0\), got 1.0"):
+        SSRConfig(subspace_energy=1.0)
+    with pytest.raises(ValueError, match=r"`subspace_energy=0.8` projects the drift from the anchors, so it needs "
+                                         r"protection=\"anchor\", got protection='update'"):
+        SSRConfig(subspace_energy=0.8, protection="update")
+
+
+def test_layers_it_cannot_read_are_named_in_a_warning() -> None:
+    net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match=r"subspace_energy: layers \['0'\] are neither Linear nor one-group Conv2d"):
+        SSREngine(net, SSRConfig(subspace_energy=0.5))
