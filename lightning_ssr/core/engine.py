@@ -47,7 +47,6 @@ from lightning_ssr.core.topology import ConsumerFinder
 __all__ = ["ReduceFn", "LayerState", "SSREngine", "NonFiniteActivityWarning"]
 
 
-
 class NonFiniteActivityWarning(RuntimeWarning):
     """An update was skipped because a tracked layer's activity was NaN or infinite."""
 
@@ -216,7 +215,7 @@ class SSREngine:
         self._window += 1
         self.sensor.follow()  # the hooks are registered for the steps that sense only
         updated = self.step % self.config.update_every == 0 and self._update()
-        if self.protecting:  # last: the pull and the scaling move weights in every direction
+        if self.protecting and self.subspace.enabled:  # last: the pull and the scaling move weights in every direction
             self.subspace.project(self.sensor.states(), self.anchoring.anchor_of)
         return updated
 
