@@ -125,12 +125,16 @@ class SSRConfig:
             does not; at ``lr=1e-3``, where the other defaults were chosen, it changes nothing.
         subspace_energy: input-subspace protection, with ``protection="anchor"``: each anchored
             layer keeps an orthonormal basis of the directions that carry this share of every past
-            task's input energy (Gradient Projection Memory's criterion), and every ``update_every``
-            steps its weights' drift from their anchors is taken out of that span
+            task's input energy (Gradient Projection Memory's criterion), and after every optimizer
+            step its weights' drift from their anchors is taken out of that span
             (:mod:`~lightning_ssr.core.subspace`), so old inputs keep the outputs they were learned
             with, whatever the importance of the neurons that moved. In ``[0, 1)``; ``0`` switches
             it off. State: the bases, and during a task ``in_features^2`` floats per layer.
-            Default: ``0.0``.
+            Default: ``0.0`` (off): on validation splits 0.6 lifted every stream measured (digits
+            domain 82.2 % against 79.4, Permuted Fashion-MNIST 10 77.7 against 72.6, Split MNIST
+            task 99.1 against 97.3; see the README), but it costs time (1.23-1.47x plain training's
+            CPU time on digits, against 0.95-1.14x without) and plasticity on class-incremental
+            streams, and the full validation round that would make it a default is not done.
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
             input columns) where the consumer is a tracked layer. Default: ``True``.
         protect_output: also protect the synapses into the (untracked) output layer, each by the
