@@ -5,7 +5,7 @@ A layer's output on an old task's input ``x`` is ``W x``; after later tasks it i
 changes the old outputs only through its component in the span of the old inputs. In the spirit of
 Gradient Projection Memory (Saha et al. 2021), each anchored layer keeps an orthonormal basis ``U``
 of the directions that carry ``energy`` of its past tasks' input energy (their uncentered second
-moment), and every ``update_every`` optimizer steps the drift is taken out of that span:
+moment), and after every optimizer step the drift is taken out of that span:
 
     W <- W - (W - A) U U^T
 
