@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from lightning_ssr.core import SSRConfig, SSREngine
 from lightning_ssr.core.state import LayerState
-from lightning_ssr.core.subspace import InputSubspace, input_rows
+from lightning_ssr.core.subspace import InputSubspace, input_rows, top_eigenpairs
 
 
 def _rows_in(span: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -47,6 +47,39 @@ def test_a_lower_energy_keeps_fewer_directions() -> None:
         sub.consolidate([st], reduce_fn=None)
         ks.append(sub.bases["0"].shape[1])
     assert ks[0] < ks[1] < ks[2] and ks[0] >= 1
+
+
+def test_a_wide_layers_basis_matches_the_exact_decomposition_without_touching_the_global_seed() -> None:
+    # 300 inputs: the randomized subspace iteration runs (2 * 32 < 300), not the full eigh
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 300, generator=g) * torch.linspace(3.0, 0.01, 300) ** 2
+    second = (x.T @ x / x.shape[0]).double()
+    exact = torch.linalg.eigvalsh(second).flip(0)
+    for energy in (0.6, 0.9):
+        need = energy * float(exact.sum())
+        k_exact = int((torch.cumsum(exact, 0) < need).sum()) + 1
+        torch.manual_seed(0)
+        before = torch.rand(1)
+        lin = nn.Linear(300, 8)
+        st, sub = LayerState("0", lin), InputSubspace(energy=energy, rows=2000)
+        sub.observe(st, x)
+        torch.manual_seed(0)
+        sub.consolidate([st], reduce_fn=None)
+        assert_close(torch.rand(1), before)  # the draw of the start used a generator of its own
+        basis = sub.bases["0"].double()
+        assert basis.shape[1] in (k_exact, k_exact + 1)
+        assert_close(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-5, rtol=0)
+        assert float(torch.trace(basis.T @ second @ basis)) >= need * (1 - 1e-6)
+
+
+def test_top_eigenpairs_widens_until_the_values_reach_what_is_needed() -> None:
+    m = torch.diag(torch.linspace(1.0, 0.0, 200, dtype=torch.float64))
+    total = float(m.trace())
+    for need in (0.1 * total, 0.5 * total, 0.99 * total):
+        values, vectors = top_eigenpairs(m, need, width=4)
+        assert float(values.sum()) >= need * (1 - 1e-6)
+        assert_close(vectors.T @ vectors, torch.eye(vectors.shape[1], dtype=torch.float64), atol=1e-8, rtol=0)
+    assert top_eigenpairs(m, 0.99 * total, width=4)[0].shape == (200,)  # past half the size: the full eigh
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
