@@ -146,12 +146,54 @@ def test_the_engine_keeps_a_layers_response_to_the_first_tasks_inputs() -> None:
     engine.detach()
 
 
+@pytest.mark.parametrize("unused_outputs", [False, True])
+def test_output_units_no_task_used_stay_free_unless_asked(unused_outputs: bool) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    cfg = SSRConfig(subspace_energy=0.999, subspace_unused_outputs=unused_outputs, sense_every=1, update_every=2,
+                    warmup_steps=0)
+    engine = SSREngine(net, cfg)
+    assert list(engine.outputs) == ["2"]
+    engine.attach()
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+
+    def train(classes: tuple[int, int], seed: int) -> None:  # class-incremental: task 1 is classes 0-1
+        for i in range(20):
+            x = torch.randn(32, 8, generator=torch.Generator().manual_seed(seed * 100 + i))
+            y = torch.tensor(classes)[torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(i))]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            engine.before_step()
+            opt.step()
+            engine.after_step(opt)
+
+    train((0, 1), 1)
+    engine.consolidate()
+    units = engine.subspace.units.get("2")
+    assert (units is None) if unused_outputs else (units.tolist() == [True, True, False, False])
+    train((2, 3), 2)
+    out = net[2].weight.detach()
+    basis = engine.subspace.bases["2"]
+    along_old = (out - engine.anchoring.anchor_of(net[2].weight)) @ basis  # each unit's drift along task 1's inputs
+    assert float(along_old[:2].abs().max()) < 1e-4  # the classes of task 1 answer task 1's inputs as before
+    if unused_outputs:
+        assert float(along_old[2:].abs().max()) < 1e-4
+    else:
+        assert float(along_old[2:].abs().max()) > 1e-2  # the new classes learned on every direction
+    engine.detach()
+
+
 def test_configuration_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"`subspace_energy` must be in \[0.0, 1.0\), got 1.0"):
         SSRConfig(subspace_energy=1.0)
     with pytest.raises(ValueError, match=r"`subspace_energy=0.8` projects the drift from the anchors, so it needs "
                                          r"protection=\"anchor\", got protection='update'"):
         SSRConfig(subspace_energy=0.8, protection="update")
+    with pytest.raises(ValueError, match=r"`subspace_unused_outputs=True` widens input-subspace protection, which is "
+                                         r"off: set subspace_energy in \(0, 1\) too, got subspace_energy=0"):
+        SSRConfig(subspace_unused_outputs=True)
+    with pytest.raises(TypeError, match=r"`subspace_unused_outputs` must be a bool, got 'yes'"):
+        SSRConfig(subspace_energy=0.5, subspace_unused_outputs="yes")
 
 
 def test_layers_it_cannot_read_are_named_in_a_warning() -> None:

@@ -135,6 +135,12 @@ class SSRConfig:
             task 99.1 against 97.3; see the README), but it costs time (1.23-1.47x plain training's
             CPU time on digits, against 0.95-1.14x without) and plasticity on class-incremental
             streams, and the full validation round that would make it a default is not done.
+        subspace_unused_outputs: with ``subspace_energy``, also project the drift of the output
+            units that no finished task used (importance 0: the classes not seen yet). ``False``
+            leaves them free, so new classes are learned as without it; ``True`` keeps them from
+            answering old inputs too, which separates the classes of different tasks in one head
+            without replay, at the cost of learning the new classes less well (and of replay's
+            gains beside it). Default: ``False`` (see the README, "Input-subspace protection").
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
             input columns) where the consumer is a tracked layer. Default: ``True``.
         protect_output: also protect the synapses into the (untracked) output layer, each by the
@@ -204,6 +210,7 @@ class SSRConfig:
     anchor_rate: float = 0.1
     anchor_lr: Optional[float] = 1e-3
     subspace_energy: float = 0.0
+    subspace_unused_outputs: bool = False
     gate_outgoing: bool = True
     protect_output: bool = True
     output_targets: bool = True
@@ -240,9 +247,12 @@ class SSRConfig:
             raise ValueError(f"`subspace_energy={self.subspace_energy:g}` projects the drift from the anchors, so it needs "
                              f"protection=\"anchor\", got protection={self.protection!r}")
         check_number("eps", self.eps, 0.0, 1.0, low_open=True)
-        for flag in ("remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias", "output_targets",
-                     "recycle_shared_head", "scale_partial_batches"):
+        for flag in ("subspace_unused_outputs", "remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias",
+                     "output_targets", "recycle_shared_head", "scale_partial_batches"):
             check_bool(flag, getattr(self, flag))
+        if self.subspace_unused_outputs and self.subspace_energy == 0:
+            raise ValueError("`subspace_unused_outputs=True` widens input-subspace protection, which is off: set "
+                             "subspace_energy in (0, 1) too, got subspace_energy=0")
 
     @classmethod
     def from_kwargs(cls, config: SSRConfig | None = None, **kwargs: Any) -> SSRConfig:

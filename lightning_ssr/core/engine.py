@@ -296,7 +296,9 @@ class SSREngine:
         self.recycling.after_task(self.layers.values(), self.model, self.tasks, self.config.recycle_shared_head)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
-        self.subspace.consolidate(self.sensor.states(), self.reduce_fn)
+        free = not self.config.subspace_unused_outputs  # output units no finished task used stay free
+        self.subspace.consolidate(self.sensor.states(), self.reduce_fn,
+                                  {n: st.importance > 0 for n, st in self.outputs.items()} if free else None)
         if self.protecting:
             self.anchoring.set_anchors(self.protection.parameters())
         if self.attached:

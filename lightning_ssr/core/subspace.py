@@ -131,6 +131,9 @@ class InputSubspace:
         self._sums: dict[str, Tensor] = {}  # this task: sum of x x^T over the rows read
         self._counts: dict[str, int] = {}
         self._held: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: anchor, basis, A U
+        #: Per layer name: which units' incoming drift is projected (all where absent).
+        self.units: dict[str, Tensor] = {}
+        self._unit_weights: dict[str, Tensor] = {}  # the masks as (out, 1) weights on the weight's device
 
     @property
     def enabled(self) -> bool:
@@ -156,9 +159,19 @@ class InputSubspace:
             self._sums[name] = outer
         self._counts[name] = self._counts.get(name, 0) + rows.shape[0]
 
-    def consolidate(self, states: Iterable[LayerState], reduce_fn: Optional[Callable[[Tensor], Tensor]]) -> None:
+    def consolidate(self, states: Iterable[LayerState], reduce_fn: Optional[Callable[[Tensor], Tensor]],
+                    units: Optional[Mapping[str, Tensor]] = None) -> None:
         """End of a task: extend each layer's basis until it holds ``energy`` of the task's input
-        energy (what the basis already holds counts), and start the next task's sums."""
+        energy (what the basis already holds counts), and start the next task's sums.
+
+        Args:
+            states: the layers.
+            reduce_fn: sums a flat tensor across processes (``None`` on one process).
+            units: per layer name, which of its units (rows of the weight) have their incoming
+                drift projected from now on (a boolean per unit); the layers not named project
+                every unit. A unit beyond the mask's length (a head that grew) is left free.
+        """
+        self.units = {n: m.detach().to("cpu", torch.bool).clone() for n, m in (units or {}).items()}
         names = [st.name for st in states if st.name in self._sums and self._counts[st.name] > 0]
         if names:
             means = [self._sums[n] / self._counts[n] for n in names]
@@ -170,7 +183,7 @@ class InputSubspace:
                 second = flat[offset:offset + m.numel()].view_as(m).detach().double().cpu()
                 offset += m.numel()
                 self.bases[n] = self._extend(self.bases.get(n), second)
-        self._sums, self._counts, self._held = {}, {}, {}
+        self._sums, self._counts, self._held, self._unit_weights = {}, {}, {}, {}
 
     def _extend(self, basis: Optional[Tensor], second: Tensor) -> Tensor:
         total = float(torch.trace(second))
@@ -201,32 +214,49 @@ class InputSubspace:
             for st in states:
                 weight, basis = st.module.weight, self.bases.get(st.name)
                 anchor = anchor_of(weight)
-                if basis is None or basis.shape[1] == 0 or anchor is None:
+                if basis is None or basis.shape[1] == 0 or anchor is None or anchor.shape != weight.shape:
                     continue
                 if basis.device != weight.device or basis.dtype != weight.dtype:
                     basis = self.bases[st.name] = basis.to(device=weight.device, dtype=weight.dtype)
                 held = self._held.get(st.name)
                 if held is None or held[0] is not anchor or held[1] is not basis:
                     held = self._held[st.name] = (anchor, basis, anchor.reshape(weight.shape[0], -1) @ basis)
+                mask = self._unit_weight(st.name, weight)
                 if weight.is_contiguous():
                     w = weight.view(weight.shape[0], -1)
-                    w.addmm_(w @ basis - held[2], basis.T, alpha=-1.0)
+                    drift = w @ basis - held[2]
+                    w.addmm_(drift if mask is None else drift.mul_(mask), basis.T, alpha=-1.0)
                 else:  # e.g. a channels_last convolution: the same update through a copy of its rows
                     w = weight.reshape(weight.shape[0], -1)
-                    weight.sub_(((w @ basis - held[2]) @ basis.T).view(weight.shape))
+                    drift = w @ basis - held[2]
+                    weight.sub_(((drift if mask is None else drift.mul_(mask)) @ basis.T).view(weight.shape))
+
+    def _unit_weight(self, name: str, weight: Tensor) -> Optional[Tensor]:
+        """``units[name]`` as a ``(out, 1)`` tensor of 0 and 1 on the weight's device (``None``: every unit)."""
+        units = self.units.get(name)
+        if units is None:
+            return None
+        cached = self._unit_weights.get(name)
+        if cached is None or cached.shape[0] != weight.shape[0] or cached.device != weight.device or cached.dtype != weight.dtype:
+            full = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
+            n = min(units.numel(), weight.shape[0])
+            full[:n, 0] = units[:n].to(weight.dtype)
+            cached = self._unit_weights[name] = full.to(weight.device)
+        return cached
 
     def nbytes(self) -> int:
-        """Bytes held: the bases, this task's sums and each layer's ``A U``."""
-        held = [h[2] for h in self._held.values()]
+        """Bytes held: the bases, this task's sums, each layer's ``A U`` and the unit masks."""
+        held = [h[2] for h in self._held.values()] + list(self.units.values())
         return sum(t.numel() * t.element_size() for t in [*self.bases.values(), *self._sums.values(), *held])
 
     def state_dict(self) -> dict[str, Any]:
         return {"bases": {n: t.detach().cpu().clone() for n, t in self.bases.items()},
                 "sums": {n: t.detach().cpu().clone() for n, t in self._sums.items()},
-                "counts": dict(self._counts)}
+                "counts": dict(self._counts), "units": {n: t.clone() for n, t in self.units.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.bases = {n: t.clone() for n, t in state.get("bases", {}).items()}
         self._sums = {n: t.clone() for n, t in state.get("sums", {}).items()}
         self._counts = {n: int(c) for n, c in state.get("counts", {}).items()}
-        self._held = {}
+        self.units = {n: t.to(torch.bool).clone() for n, t in state.get("units", {}).items()}
+        self._held, self._unit_weights = {}, {}
