@@ -15,10 +15,15 @@ what node importance cannot do where every neuron is shared: a neuron that no pa
 (one protection leaves free) still cannot change its response to old inputs, which is how free
 neurons made SSR forget (see the README, "What SSR does not do yet").
 
-State: the basis, ``in_features x k`` per layer (``k <= in_features``), and, during a task, the sum
-of ``x x^T`` over a few input rows of each sensed step (``in_features^2``; reduced across processes
-once, at the task's end). A convolution's inputs are its patches (``Conv2d`` with ``groups=1``);
-a layer of another type is reported by :meth:`InputSubspace.unsupported` and left out.
+State: the basis, ``in_features x k`` per layer (``k <= in_features``), and, during a task, a
+Nystrom sketch of the task's input moment ``S`` (Tropp, Yurtsever, Udell & Cevher 2017): ``S Omega``
+for a fixed random ``Omega`` of ``sketch`` columns in the span no past input used, ``in_features x
+sketch`` floats, with the exact input energy and the energy inside the basis beside it. The sketch
+is linear in the inputs, so one sum across processes at the task's end merges it, and the state
+stays ``O(in_features)`` per layer where the full moment would be ``in_features^2`` (nine times a
+3x3 convolution's weight). From it, the task's leading new directions: at most ``sketch`` a task.
+A convolution's inputs are its patches (``Conv2d`` with ``groups=1``); a layer of another type is
+reported by :meth:`InputSubspace.check` and left out.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch.nn import functional as F
 
 from lightning_ssr.core.state import LayerState
 
-__all__ = ["InputSubspace", "supports", "input_rows", "top_eigenpairs"]
+__all__ = ["InputSubspace", "supports", "input_rows", "nystrom_eigenpairs", "sketch_matrix"]
 
 
 def supports(module: nn.Module) -> bool:
@@ -64,40 +69,55 @@ def input_rows(module: nn.Module, x: Tensor, rows: int) -> Tensor:
     return x.reshape(-1, x.shape[-1])[:rows].float()
 
 
-def top_eigenpairs(matrix: Tensor, need: float, width: int = 32, power: int = 2) -> tuple[Tensor, Tensor]:
-    """Leading eigenvalues (descending, at least 0) and eigenvectors of a symmetric positive
-    semi-definite ``matrix``, enough of them that the values sum to ``need`` where they can.
+def sketch_matrix(size: int, width: int, basis: Optional[Tensor]) -> Tensor:
+    """The sketch's ``Omega``: ``width`` orthonormal columns drawn with a fixed seed and taken out of
+    the span of ``basis`` (``size x k``), float64 on the CPU; fewer columns where less room is left.
 
-    A randomized subspace iteration (Halko, Martinsson & Tropp 2011) on ``width`` columns, doubled
-    until the leading values reach ``need``, and a full eigendecomposition once ``2 * width``
-    reaches the size: the few directions a task's inputs concentrate in cost ``size^2 * width``
-    instead of ``size^3``. The Ritz values never exceed the true ones, so the directions chosen
-    from them hold at least the energy asked for. The start is drawn from a generator of its
-    own with a fixed seed: the result is the same on every replica and after a resume, and the
-    global random state is not touched.
+    The draw uses a generator of its own, so every replica and every resume draws the same matrix
+    and the global random state is not touched.
 
     Example:
-        >>> m = torch.diag(torch.tensor([4.0, 1.0, 0.0, 0.0], dtype=torch.float64))
-        >>> values, vectors = top_eigenpairs(m, need=3.0, width=1)  # one direction holds 3 of 5
-        >>> values.round(decimals=2).tolist(), vectors[:, 0].abs().round(decimals=2).tolist()  # approximate
-        ([4.0], [1.0, 0.0, 0.0, 0.0])
-        >>> top_eigenpairs(m, need=5.0, width=1)[0].tolist()  # all of it: the full decomposition
-        [4.0, 1.0, 0.0, 0.0]
+        >>> omega = sketch_matrix(5, 2, torch.eye(5, 1, dtype=torch.float64))
+        >>> omega.shape, float(omega[0].abs().max()) < 1e-12  # orthogonal to the basis
+        (torch.Size([5, 2]), True)
     """
-    size = matrix.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    while 2 * width < size:
-        start = torch.randn(size, width, generator=generator, dtype=matrix.dtype).to(matrix.device)
-        span = torch.linalg.qr(matrix @ start).Q
-        for _ in range(power):
-            span = torch.linalg.qr(matrix @ span).Q
-        values, small = torch.linalg.eigh(span.T @ matrix @ span)
-        values, vectors = values.flip(0).clamp_min(0.0), span @ small.flip(1)
-        if float(values.sum()) >= need:
-            return values, vectors
-        width *= 2
-    values, vectors = torch.linalg.eigh(matrix)
-    return values.flip(0).clamp_min(0.0), vectors.flip(1)
+    room = size - (0 if basis is None else basis.shape[1])
+    width = max(0, min(width, room))
+    draw = torch.randn(size, width, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+    if basis is not None and basis.shape[1]:
+        b = basis.double().cpu()
+        draw = draw - b @ (b.T @ draw)
+        draw = draw - b @ (b.T @ draw)  # twice: orthogonal to rounding
+    return torch.linalg.qr(draw).Q
+
+
+def nystrom_eigenpairs(sketch: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+    """Leading eigenvalues (descending, at least 0) and eigenvectors of a positive semi-definite
+    ``S`` from its sketch ``Y = S Omega``: the stable Nystrom approximation of Tropp et al. (2017,
+    algorithm 3), float64.
+
+    Example:
+        >>> s = torch.diag(torch.tensor([4.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+        >>> omega = sketch_matrix(4, 3, None)
+        >>> values, vectors = nystrom_eigenpairs(s @ omega, omega)
+        >>> values.round(decimals=4).tolist(), vectors[:, 0].abs().round(decimals=4).tolist()
+        ([4.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0])
+    """
+    if omega.shape[1] == 0:
+        return sketch.new_zeros(0), sketch.new_zeros((sketch.shape[0], 0))
+    # the sketch was summed in float32: a shift at its rounding keeps the core positive definite
+    shift = torch.finfo(torch.float32).eps * max(float(torch.linalg.norm(sketch)), 1e-30) * sketch.shape[0] ** 0.5
+    shifted = sketch + shift * omega
+    core = omega.T @ shifted
+    chol, info = torch.linalg.cholesky_ex(0.5 * (core + core.T))
+    if int(info) != 0:  # not positive definite to rounding: a larger shift
+        shift += float(torch.linalg.eigvalsh(0.5 * (core + core.T))[0].abs()) + shift
+        shifted = sketch + shift * omega
+        core = omega.T @ shifted
+        chol = torch.linalg.cholesky(0.5 * (core + core.T))
+    factor = torch.linalg.solve_triangular(chol, shifted.T, upper=False).T  # Y_shift C^-T
+    vectors, singular, _ = torch.linalg.svd(factor, full_matrices=False)
+    return (singular.square() - shift).clamp_min(0.0), vectors
 
 
 class InputSubspace:
@@ -113,7 +133,7 @@ class InputSubspace:
         >>> st, sub = LayerState("0", lin), InputSubspace(energy=0.9)
         >>> sub.observe(st, torch.tensor([[1.0, 0.0, 0.0]] * 4))
         >>> sub.consolidate([st], reduce_fn=None)
-        >>> sub.bases["0"].abs().flatten().tolist()  # the first input direction
+        >>> sub.bases["0"].abs().flatten().round(decimals=6).tolist()  # the first input direction
         [1.0, 0.0, 0.0]
         >>> anchor = lin.weight.detach().clone()
         >>> with torch.no_grad():
@@ -124,12 +144,15 @@ class InputSubspace:
         [0.0, 1.0, 1.0]
     """
 
-    def __init__(self, energy: float, rows: int = 32) -> None:
+    def __init__(self, energy: float, rows: int = 32, sketch: int = 64) -> None:
         self.energy = float(energy)
         self.rows = int(rows)
+        self.sketch = int(sketch)
         self.bases: dict[str, Tensor] = {}  # per layer name: (in, k), orthonormal columns
-        self._sums: dict[str, Tensor] = {}  # this task: sum of x x^T over the rows read
+        self._sketches: dict[str, Tensor] = {}  # this task: sum of x^T (x Omega) over the rows read, (in, sketch)
+        self._energies: dict[str, Tensor] = {}  # this task: sums of |x|^2 and of |x U|^2 (inside the basis)
         self._counts: dict[str, int] = {}
+        self._omegas: dict[str, Tensor] = {}  # this task's Omega per layer (derived from the basis)
         self._held: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: anchor, basis, A U
         #: Per layer name: which units' incoming drift is projected (all where absent).
         self.units: dict[str, Tensor] = {}
@@ -147,22 +170,40 @@ class InputSubspace:
                           "is not projected (node-importance anchoring still holds them)", stacklevel=3)
 
     def observe(self, st: LayerState, x: Tensor) -> None:
-        """A sensed training forward: add a few of the layer's input rows to this task's sum."""
+        """A sensed training forward: add a few of the layer's input rows to this task's sketch."""
         name, module = st.name, st.module
         if not supports(module):
             return
         rows = input_rows(module, x, self.rows)
-        outer = rows.T @ rows
-        if name in self._sums:
-            self._sums[name].add_(outer)
-        else:
-            self._sums[name] = outer
+        with torch.autocast(rows.device.type, enabled=False):  # float32 sums under mixed precision too
+            # a diverged row (inf or NaN) adds nothing
+            rows = torch.where(torch.isfinite(rows).all(dim=1, keepdim=True), rows, 0.0)
+            omega = self._omegas.get(name)
+            if omega is None or omega.device != rows.device:
+                omega = self._omegas[name] = self._omega(name, rows.shape[1]).float().to(rows.device)
+            basis = self.bases.get(name)
+            inside = rows.new_zeros(())
+            if basis is not None and basis.shape[1]:
+                if basis.device != rows.device:
+                    basis = basis.to(rows.device)
+                inside = (rows @ basis.to(rows.dtype)).square().sum()
+            energy = torch.stack([rows.square().sum(), inside])
+            if name in self._sketches:
+                self._sketches[name].addmm_(rows.T, rows @ omega)
+                self._energies[name].add_(energy)
+            else:
+                self._sketches[name] = rows.T @ (rows @ omega)
+                self._energies[name] = energy
         self._counts[name] = self._counts.get(name, 0) + rows.shape[0]
+
+    def _omega(self, name: str, size: int) -> Tensor:
+        """This task's ``Omega`` for a layer of ``size`` inputs: float64, outside its basis."""
+        return sketch_matrix(size, self.sketch, self.bases.get(name))
 
     def consolidate(self, states: Iterable[LayerState], reduce_fn: Optional[Callable[[Tensor], Tensor]],
                     units: Optional[Mapping[str, Tensor]] = None) -> None:
         """End of a task: extend each layer's basis until it holds ``energy`` of the task's input
-        energy (what the basis already holds counts), and start the next task's sums.
+        energy (what the basis already holds counts), and start the next task's sketches.
 
         Args:
             states: the layers.
@@ -171,33 +212,38 @@ class InputSubspace:
                 drift projected from now on (a boolean per unit); the layers not named project
                 every unit. A unit beyond the mask's length (a head that grew) is left free.
         """
+        if not self.enabled:
+            return
         self.units = {n: m.detach().to("cpu", torch.bool).clone() for n, m in (units or {}).items()}
-        names = [st.name for st in states if st.name in self._sums and self._counts[st.name] > 0]
+        names = [st.name for st in states if self._counts.get(st.name, 0) > 0]
         if names:
-            means = [self._sums[n] / self._counts[n] for n in names]
-            flat = torch.cat([m.flatten() for m in means])
+            flat = torch.cat([torch.cat([self._sketches[n].flatten(), self._energies[n]]) for n in names])
             if reduce_fn is not None:
-                flat = reduce_fn(flat)  # one collective: every replica extends the same bases
+                flat = reduce_fn(flat)  # one collective: the sketches are linear, so their sum is the sum's
+            flat = flat.detach().double().cpu()
             offset = 0
-            for n, m in zip(names, means):
-                second = flat[offset:offset + m.numel()].view_as(m).detach().double().cpu()
-                offset += m.numel()
-                self.bases[n] = self._extend(self.bases.get(n), second)
-        self._sums, self._counts, self._held, self._unit_weights = {}, {}, {}, {}
+            for n in names:
+                size = self._sketches[n].numel()
+                sketch = flat[offset:offset + size].view(self._sketches[n].shape)
+                total, inside = (float(v) for v in flat[offset + size:offset + size + 2])
+                offset += size + 2
+                omega = self._omegas[n].double().cpu() if n in self._omegas else self._omega(n, sketch.shape[0]).float().double()
+                self.bases[n] = self._extend(self.bases.get(n), sketch, omega, total, inside)
+        self._sketches, self._energies, self._counts, self._omegas = {}, {}, {}, {}
+        self._held, self._unit_weights = {}, {}
 
-    def _extend(self, basis: Optional[Tensor], second: Tensor) -> Tensor:
-        total = float(torch.trace(second))
-        if basis is None:
-            basis = second.new_zeros((second.shape[0], 0))
-        basis = basis.double()
-        need = self.energy * total - float(torch.trace(basis.T @ second @ basis))
-        if total <= 0 or need <= 0 or basis.shape[1] == second.shape[0]:
+    def _extend(self, basis: Optional[Tensor], sketch: Tensor, omega: Tensor, total: float, inside: float) -> Tensor:
+        """The basis with the task's leading new directions added until it holds ``energy`` of ``total``."""
+        basis = sketch.new_zeros((sketch.shape[0], 0)) if basis is None else basis.detach().double().cpu()
+        need = self.energy * total - inside
+        if total <= 0 or need <= 0 or omega.shape[1] == 0:
             return basis.float()
-        rest = second - basis @ (basis.T @ second)
-        rest = rest - (rest @ basis) @ basis.T  # the second moment outside the basis
-        values, vectors = top_eigenpairs(0.5 * (rest + rest.T), need)
-        k = int((torch.cumsum(values, 0) < need).sum()) + 1
-        k = min(k, values.shape[0], second.shape[0] - basis.shape[1])
+        rest = sketch - basis @ (basis.T @ sketch)  # the sketch of the moment outside the basis (Omega lies there)
+        values, vectors = nystrom_eigenpairs(rest, omega)
+        found = int((values > values[:1].clamp_min(0.0) * 1e-9).sum()) if values.numel() else 0
+        k = min(int((torch.cumsum(values, 0) < need).sum()) + 1, found)
+        if k == 0:
+            return basis.float()
         new = vectors[:, :k] - basis @ (basis.T @ vectors[:, :k])  # orthogonal to the basis to rounding
         return torch.cat([basis, torch.linalg.qr(new).Q], dim=1).float()
 
@@ -245,18 +291,21 @@ class InputSubspace:
         return cached
 
     def nbytes(self) -> int:
-        """Bytes held: the bases, this task's sums, each layer's ``A U`` and the unit masks."""
+        """Bytes held: the bases, this task's sketches and their ``Omega``, each layer's ``A U`` and the unit masks."""
         held = [h[2] for h in self._held.values()] + list(self.units.values())
-        return sum(t.numel() * t.element_size() for t in [*self.bases.values(), *self._sums.values(), *held])
+        tensors = [*self.bases.values(), *self._sketches.values(), *self._energies.values(), *self._omegas.values(), *held]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def state_dict(self) -> dict[str, Any]:
         return {"bases": {n: t.detach().cpu().clone() for n, t in self.bases.items()},
-                "sums": {n: t.detach().cpu().clone() for n, t in self._sums.items()},
+                "sketches": {n: t.detach().cpu().clone() for n, t in self._sketches.items()},
+                "energies": {n: t.detach().cpu().clone() for n, t in self._energies.items()},
                 "counts": dict(self._counts), "units": {n: t.clone() for n, t in self.units.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.bases = {n: t.clone() for n, t in state.get("bases", {}).items()}
-        self._sums = {n: t.clone() for n, t in state.get("sums", {}).items()}
+        self._sketches = {n: t.clone() for n, t in state.get("sketches", {}).items()}
+        self._energies = {n: t.clone() for n, t in state.get("energies", {}).items()}
         self._counts = {n: int(c) for n, c in state.get("counts", {}).items()}
         self.units = {n: t.to(torch.bool).clone() for n, t in state.get("units", {}).items()}
-        self._held, self._unit_weights = {}, {}
+        self._omegas, self._held, self._unit_weights = {}, {}, {}
