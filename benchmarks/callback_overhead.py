@@ -15,7 +15,7 @@ Usage::
     python benchmarks/callback_overhead.py                 # MLP 2x400 and the small CNN, CPU
     python benchmarks/callback_overhead.py --accelerator gpu --steps 400
     python benchmarks/callback_overhead.py --protection update   # the earlier default
-    python benchmarks/callback_overhead.py --subspace-energy 0.6  # with input-subspace protection
+    python benchmarks/callback_overhead.py --subspace-energy 0  # without input-subspace protection
     python benchmarks/callback_overhead.py --malloc default      # glibc's allocator as it comes
 
 By default the script first raises glibc's mmap and trim thresholds (``mallopt``, as the
@@ -196,7 +196,7 @@ class Result(NamedTuple):
 
 
 def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
-            protection: str | None = None, subspace_energy: float = 0.0) -> dict[str, Result]:
+            protection: str | None = None, subspace_energy: float | None = None) -> dict[str, Result]:
     """Per setting, the ratios of :class:`Result`.
 
     ``task 1``: a fresh callback (sensing, scaling, nothing protected yet) against a fresh model
@@ -210,7 +210,7 @@ def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
     y = torch.randint(0, 10, (steps * batch,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch)
     ssr = {} if protection is None else {"protection": protection}  # the library's defaults otherwise
-    if subspace_energy:
+    if subspace_energy is not None:
         ssr["subspace_energy"] = subspace_energy
     protected = Classifier(make())
     task2 = SynapticScaling(**ssr)
@@ -247,8 +247,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per timed fit")
     parser.add_argument("--protection", default=None, choices=["anchor", "update", "gradient"],
                         help="SSR's protection (default: the library's)")
-    parser.add_argument("--subspace-energy", type=float, default=0.0,
-                        help="SSR's subspace_energy (input-subspace protection; default 0: the library's, off)")
+    parser.add_argument("--subspace-energy", type=float, default=None,
+                        help="SSR's subspace_energy (input-subspace protection; default: the library's, 0.6 with "
+                             "anchoring; 0 switches it off)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved pairs per setting (median taken)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated from mlp, cnn")
@@ -272,7 +273,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.accelerator in ("gpu", "cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"callback overhead: {args.steps} steps, {args.repeats} interleaved pairs per setting, batch "
           f"{args.batch_size}, {device}, protection {args.protection or 'default'}, subspace_energy "
-          f"{args.subspace_energy:g}, malloc: {allocator}")
+          f"{'default' if args.subspace_energy is None else format(args.subspace_energy, 'g')}, malloc: {allocator}")
     print("ratio = fit with SSR / fit without, median over pairs [min-max]; target: task 1 (nothing protected) "
           f"<= {TARGETS['task 1']}, task 2 (protection on) <= {TARGETS['task 2']}")
     print("floor: per step position the fastest time over the repeats, summed (with SSR / without; steady)")

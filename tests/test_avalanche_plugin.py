@@ -193,6 +193,25 @@ def test_subspace_protection_runs_inside_a_strategy_and_holds_old_inputs(split_f
     assert ssr.extra_state_bytes() > sum(b.numel() * 4 for b in bases.values())  # the bases are counted
 
 
+@pytest.mark.parametrize("energy", [None, 0.6])
+def test_subspace_protection_is_off_beside_replay_unless_asked_for(split_fmnist: ContinualBenchmark,
+                                                                   energy: float | None,
+                                                                   recwarn: pytest.WarningsRecorder) -> None:
+    ssr = SSRPlugin(subspace_energy=energy, recycle_below=0.0)
+    strategy = _strategy(_mlp(split_fmnist), [ReplayPlugin(mem_size=20), ssr])
+    strategy.train(split_fmnist.train_stream[0])
+    ours = [str(w.message) for w in recwarn if "beside a ReplayPlugin" in str(w.message)]
+    assert ssr.config.subspace_energy == energy  # the plugin's own settings stay as given
+    if energy is None:  # the default resolves to off beside replay
+        assert not ssr.engine.subspace.enabled and ssr.engine.subspace.bases == {} and ours == []
+    else:  # asked for by name: it runs, with a warning that says what it cost beside replay
+        assert ssr.engine.subspace.enabled and len(ssr.engine.subspace.bases) > 0
+        assert len(ours) == 1 and "`subspace_energy=0.6`" in ours[0] and "Leave `subspace_energy=None`" in ours[0]
+    standalone = SSRPlugin()
+    _strategy(_mlp(split_fmnist), [standalone]).train(split_fmnist.train_stream[0])
+    assert standalone.engine.subspace.enabled  # without replay the default is on
+
+
 def test_anchor_lr_reads_the_strategys_optimizer(split_fmnist: ContinualBenchmark) -> None:
     """Under Adam 1e-3, ``anchor_rate=0.5, anchor_lr=0.01`` pulls as a fixed ``anchor_rate=0.05``."""
     torch.manual_seed(0)

@@ -320,7 +320,8 @@ def test_anchoring_shrinks_below_the_reference_learning_rate_and_never_grows_abo
 
 
 def test_anchoring_pulls_important_synapses_back_and_leaves_updates_free() -> None:
-    engine, net, train = _engine_after_one_task(protection="anchor", anchor_rate=0.5)
+    # anchoring alone: input-subspace protection (on by default with anchoring) off
+    engine, net, train = _engine_after_one_task(protection="anchor", anchor_rate=0.5, subspace_energy=0.0)
     anchor = net[0].weight.detach().clone()
     free_engine, free_net, free_train = _engine_after_one_task(consolidation=0.0)
     assert torch.equal(free_net[0].weight, net[0].weight)  # the same first task

@@ -46,7 +46,10 @@ class SSRPlugin(SupervisedPlugin):
 
     Beside Avalanche's ``ReplayPlugin`` pass ``recycle_below=0`` (and ``anchor_rate=0.02``): recycling
     beside a replay buffer was measured to lower class-incremental accuracy, and the plugin warns once
-    when it finds a ``ReplayPlugin`` in the strategy while ``recycle_below > 0``.
+    when it finds a ``ReplayPlugin`` in the strategy while ``recycle_below > 0``. Input-subspace
+    protection (``subspace_energy``, on by default) is left out beside a ``ReplayPlugin`` unless
+    ``subspace_energy`` is given: beside replay it lowered class-incremental accuracy (Split digits
+    81.7 -> 49.9 %); given by name it runs, with a warning.
 
     Args:
         config: the SSR hyperparameters. Default: ``None`` (``SSRConfig()``).
@@ -121,9 +124,12 @@ class SSRPlugin(SupervisedPlugin):
         """Create the engine on the strategy's model, or check it is still the same model."""
         model = strategy.model
         if self.engine is None:
+            config = self._config
+            if config.subspace_energy is None and _beside_replay(strategy):  # the default is off beside replay
+                config = config.replace(subspace_energy=0.0)
             self.engine = SSREngine(
                 model,
-                self._config,
+                config,
                 layer_types=self.layer_types,
                 include=self.include,
                 exclude=self.exclude,
@@ -143,7 +149,13 @@ class SSRPlugin(SupervisedPlugin):
 
     def _check_beside_replay(self, strategy: SupervisedTemplate) -> None:
         """Warn once, when the engine is built, if recycling runs beside a replay buffer (it was measured to hurt)."""
-        replay = any(isinstance(p, ReplayPlugin) for p in getattr(strategy, "plugins", ()))
+        replay = _beside_replay(strategy)
+        if replay and self._config.subspace_energy:
+            warnings.warn(
+                f"SSRPlugin runs beside a ReplayPlugin with `subspace_energy={self._config.subspace_energy:g}`: on "
+                "validation splits input-subspace protection beside replay lowered class-incremental accuracy "
+                "(Split digits 81.7 -> 49.9 %, 3 seeds, buffer 200; domain-incremental rose, 87.6 -> 89.2). Leave "
+                "`subspace_energy=None` (off beside replay) or pass 0", stacklevel=2)
         if replay and self._config.recycle_below > 0:
             warnings.warn(
                 f"SSRPlugin runs beside a ReplayPlugin with `recycle_below={self._config.recycle_below:g}`: on "
@@ -261,3 +273,6 @@ class SSRPlugin(SupervisedPlugin):
         return f"{type(self).__name__}(config={self._config!r}, layers={layers})"
 
 
+def _beside_replay(strategy: SupervisedTemplate) -> bool:
+    """Whether the strategy rehearses past samples through Avalanche's ``ReplayPlugin``."""
+    return any(isinstance(p, ReplayPlugin) for p in getattr(strategy, "plugins", ()))

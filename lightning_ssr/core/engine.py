@@ -123,12 +123,13 @@ class SSREngine:
         #: Reports a skipped update (non-finite activity); front ends may route it to their own logging.
         self.warn: Callable[[str], None] = _warn_non_finite
         penalty_mode = cfg.protection == "penalty" and cfg.consolidation > 0
-        self.subspace = InputSubspace(cfg.subspace_energy if cfg.consolidation > 0 else 0.0)
+        self.subspace = InputSubspace(cfg.subspace_share)
         self.sensor = ActivitySensor(self.layers, self.outputs, self.phi,
                                      keep_live=(lambda: self.tasks > 0) if penalty_mode else None,
                                      sense=lambda: self.task_step % self._sense_period == 0, count_targets=cfg.output_targets,
                                      observe_input=self.subspace.observe if self.subspace.enabled else None)
-        self.subspace.check(self.sensor.states())
+        if cfg.subspace_energy is not None:  # asked for by name: say which layers it cannot hold
+            self.subspace.check(self.sensor.states())
         self.homeostasis = Homeostasis(cfg)
         self.consolidation = Consolidation(cfg)
         self.protection = Protection(cfg)
