@@ -176,18 +176,19 @@ class InputSubspace:
             return
         rows = input_rows(module, x, self.rows)
         with torch.autocast(rows.device.type, enabled=False):  # float32 sums under mixed precision too
-            # a diverged row (inf or NaN) adds nothing
-            rows = torch.where(torch.isfinite(rows).all(dim=1, keepdim=True), rows, 0.0)
+            rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)  # a diverged value adds nothing
             omega = self._omegas.get(name)
             if omega is None or omega.device != rows.device:
                 omega = self._omegas[name] = self._omega(name, rows.shape[1]).float().to(rows.device)
             basis = self.bases.get(name)
-            inside = rows.new_zeros(())
+            flat = rows.flatten()
             if basis is not None and basis.shape[1]:
-                if basis.device != rows.device:
-                    basis = basis.to(rows.device)
-                inside = (rows @ basis.to(rows.dtype)).square().sum()
-            energy = torch.stack([rows.square().sum(), inside])
+                if basis.device != rows.device or basis.dtype != rows.dtype:
+                    basis = basis.to(device=rows.device, dtype=rows.dtype)
+                along = (rows @ basis).flatten()
+                energy = torch.stack([flat.dot(flat), along.dot(along)])
+            else:
+                energy = torch.stack([flat.dot(flat), flat.new_zeros(())])
             if name in self._sketches:
                 self._sketches[name].addmm_(rows.T, rows @ omega)
                 self._energies[name].add_(energy)
@@ -270,11 +271,11 @@ class InputSubspace:
                 mask = self._unit_weight(st.name, weight)
                 if weight.is_contiguous():
                     w = weight.view(weight.shape[0], -1)
-                    drift = w @ basis - held[2]
+                    drift = torch.addmm(held[2], w, basis, beta=-1.0)  # W U - A U in one call
                     w.addmm_(drift if mask is None else drift.mul_(mask), basis.T, alpha=-1.0)
                 else:  # e.g. a channels_last convolution: the same update through a copy of its rows
                     w = weight.reshape(weight.shape[0], -1)
-                    drift = w @ basis - held[2]
+                    drift = torch.addmm(held[2], w, basis, beta=-1.0)
                     weight.sub_(((drift if mask is None else drift.mul_(mask)) @ basis.T).view(weight.shape))
 
     def _unit_weight(self, name: str, weight: Tensor) -> Optional[Tensor]:
