@@ -207,6 +207,11 @@ def test_subspace_protection_is_off_beside_replay_unless_asked_for(split_fmnist:
     else:  # asked for by name: it runs, with a warning that says what it cost beside replay
         assert ssr.engine.subspace.enabled and len(ssr.engine.subspace.bases) > 0
         assert len(ours) == 1 and "`subspace_energy=0.6`" in ours[0] and "Leave `subspace_energy=None`" in ours[0]
+    asked = SSRPlugin(subspace_unused_outputs=True, recycle_below=0.0)  # asked for through its other field
+    with pytest.warns(UserWarning, match=r"input-subspace protection asked for \(`subspace_energy=None`, "
+                                         r"`subspace_unused_outputs=True`\)"):
+        _strategy(_mlp(split_fmnist), [ReplayPlugin(mem_size=20), asked]).train(split_fmnist.train_stream[0])
+    assert asked.engine.subspace.enabled
     standalone = SSRPlugin()
     _strategy(_mlp(split_fmnist), [standalone]).train(split_fmnist.train_stream[0])
     assert standalone.engine.subspace.enabled  # without replay the default is on

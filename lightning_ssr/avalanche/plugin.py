@@ -125,7 +125,7 @@ class SSRPlugin(SupervisedPlugin):
         model = strategy.model
         if self.engine is None:
             config = self._config
-            if config.subspace_energy is None and _beside_replay(strategy):  # the default is off beside replay
+            if _subspace_by_default(config) and _beside_replay(strategy):  # the default is off beside replay
                 config = config.replace(subspace_energy=0.0)
             self.engine = SSREngine(
                 model,
@@ -150,9 +150,10 @@ class SSRPlugin(SupervisedPlugin):
     def _check_beside_replay(self, strategy: SupervisedTemplate) -> None:
         """Warn once, when the engine is built, if recycling runs beside a replay buffer (it was measured to hurt)."""
         replay = _beside_replay(strategy)
-        if replay and self._config.subspace_energy:
+        if replay and self._config.subspace_share > 0 and not _subspace_by_default(self._config):
             warnings.warn(
-                f"SSRPlugin runs beside a ReplayPlugin with `subspace_energy={self._config.subspace_energy:g}`: on "
+                f"SSRPlugin runs beside a ReplayPlugin with input-subspace protection asked for (`subspace_energy="
+                f"{self._config.subspace_energy}`, `subspace_unused_outputs={self._config.subspace_unused_outputs}`): on "
                 "validation splits input-subspace protection beside replay lowered class-incremental accuracy "
                 "(Split digits 81.7 -> 49.9 %, 3 seeds, buffer 200; domain-incremental rose, 87.6 -> 89.2). Leave "
                 "`subspace_energy=None` (off beside replay) or pass 0", stacklevel=2)
@@ -271,6 +272,11 @@ class SSRPlugin(SupervisedPlugin):
     def __repr__(self) -> str:
         layers = list(self.engine.layers) if self.engine is not None else "not built"
         return f"{type(self).__name__}(config={self._config!r}, layers={layers})"
+
+
+def _subspace_by_default(config: SSRConfig) -> bool:
+    """Whether input-subspace protection is on only by default (neither of its fields given)."""
+    return config.subspace_energy is None and not config.subspace_unused_outputs
 
 
 def _beside_replay(strategy: SupervisedTemplate) -> bool:
