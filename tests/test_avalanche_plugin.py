@@ -124,7 +124,9 @@ def test_runs_consolidates_once_per_experience_and_leaves_no_hooks(split_fmnist:
     assert 0.0 <= accuracy <= 1.0 and "StreamForgetting/eval_phase/test_stream" in results
     states = [*ssr.engine.layers.values(), *ssr.engine.outputs.values()]  # hidden neurons and output units
     anchored = sum(p.numel() * 4 for _, p in ssr.engine.named_parameters_gated())  # the default anchoring's copy
-    assert ssr.extra_state_bytes() == sum(t.numel() * 4 for st in states for t in st.tensors().values()) + anchored
+    subspace = ssr.engine.subspace.nbytes()  # input-subspace protection (on by default): bases and unit masks
+    assert subspace > 0
+    assert ssr.extra_state_bytes() == sum(t.numel() * 4 for st in states for t in st.tensors().values()) + anchored + subspace
 
 
 def test_partial_batch_plugin_gives_any_strategy_the_steps_ssr_takes(split_fmnist: ContinualBenchmark) -> None:
