@@ -331,5 +331,6 @@ class SynapticScaling(Callback):
 
     def extra_state_bytes(self) -> int:
         """Bytes of SSR state beyond the model: O(neurons), plus one copy of the gated weights
-        with ``protection="anchor"`` (the default); 0 before set-up."""
+        with ``protection="anchor"`` (the default) and input-subspace protection's bases and
+        sketches (O(inputs) per layer); 0 before set-up."""
         return self.engine.extra_state_bytes() if self.engine is not None else 0

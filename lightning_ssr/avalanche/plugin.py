@@ -230,7 +230,8 @@ class SSRPlugin(SupervisedPlugin):
     # ---------------------------------------------------------------------------- state
     def extra_state_bytes(self) -> int:
         """Bytes SSR stores beyond the model: O(neurons), plus one copy of the gated weights with
-        ``protection="anchor"`` (the default); ``0`` before the engine exists."""
+        ``protection="anchor"`` (the default) and input-subspace protection's bases and sketches
+        (O(inputs) per layer); ``0`` before the engine exists."""
         return self.engine.extra_state_bytes() if self.engine is not None else 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -322,7 +322,8 @@ class SSREngine:
     # ------------------------------------------------------------------ state
     def extra_state_bytes(self) -> int:
         """Bytes the engine stores beyond the model: O(neurons), plus one copy of the gated
-        weights with ``protection="anchor"``."""
+        weights with ``protection="anchor"`` and input-subspace protection's bases and sketches
+        (O(inputs) per layer)."""
         per_neuron = sum(t.numel() * t.element_size() for st in self.sensor.states() for t in st.tensors().values())
         return per_neuron + self.anchoring.nbytes() + self.subspace.nbytes()
 
