@@ -250,9 +250,9 @@ class SSRConfig:
             check_number("anchor_lr", self.anchor_lr, 0.0, low_open=True)
         if self.subspace_energy is not None:
             check_number("subspace_energy", self.subspace_energy, 0.0, 1.0, high_open=True)
-        if self.subspace_energy is not None and self.subspace_energy > 0 and self.protection != "anchor":
-            raise ValueError(f"`subspace_energy={self.subspace_energy:g}` projects the drift from the anchors, so it needs "
-                             f"protection=\"anchor\", got protection={self.protection!r}")
+            if self.subspace_energy > 0 and self.protection != "anchor":
+                raise ValueError(f"`subspace_energy={self.subspace_energy:g}` projects the drift from the anchors, so it "
+                                 f"needs protection=\"anchor\", got protection={self.protection!r}")
         check_number("eps", self.eps, 0.0, 1.0, low_open=True)
         for flag in ("subspace_unused_outputs", "remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias",
                      "output_targets", "recycle_shared_head", "scale_partial_batches"):

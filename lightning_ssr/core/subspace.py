@@ -105,16 +105,19 @@ def nystrom_eigenpairs(sketch: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
     """
     if omega.shape[1] == 0:
         return sketch.new_zeros(0), sketch.new_zeros((sketch.shape[0], 0))
-    # the sketch was summed in float32: a shift at its rounding keeps the core positive definite
-    shift = torch.finfo(torch.float32).eps * max(float(torch.linalg.norm(sketch)), 1e-30) * sketch.shape[0] ** 0.5
-    shifted = sketch + shift * omega
-    core = omega.T @ shifted
-    chol, info = torch.linalg.cholesky_ex(0.5 * (core + core.T))
-    if int(info) != 0:  # not positive definite to rounding: a larger shift
-        shift += float(torch.linalg.eigvalsh(0.5 * (core + core.T))[0].abs()) + shift
+    def shifted_core(shift: float) -> tuple[Tensor, Tensor]:  # Y + shift Omega, and Omega^T of it made symmetric
         shifted = sketch + shift * omega
         core = omega.T @ shifted
-        chol = torch.linalg.cholesky(0.5 * (core + core.T))
+        return shifted, 0.5 * (core + core.T)
+
+    # the sketch was summed in float32: a shift at its rounding keeps the core positive definite
+    shift = torch.finfo(torch.float32).eps * max(float(torch.linalg.norm(sketch)), 1e-30) * sketch.shape[0] ** 0.5
+    shifted, core = shifted_core(shift)
+    chol, info = torch.linalg.cholesky_ex(core)
+    if int(info) != 0:  # not positive definite to rounding: a larger shift
+        shift += float(torch.linalg.eigvalsh(core)[0].abs()) + shift
+        shifted, core = shifted_core(shift)
+        chol = torch.linalg.cholesky(core)
     factor = torch.linalg.solve_triangular(chol, shifted.T, upper=False).T  # Y_shift C^-T
     vectors, singular, _ = torch.linalg.svd(factor, full_matrices=False)
     return (singular.square() - shift).clamp_min(0.0), vectors
@@ -179,7 +182,7 @@ class InputSubspace:
             rows = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)  # a diverged value adds nothing
             omega = self._omegas.get(name)
             if omega is None or omega.device != rows.device:
-                omega = self._omegas[name] = self._omega(name, rows.shape[1]).float().to(rows.device)
+                omega = self._omegas[name] = self._omega(name, rows.shape[1]).to(rows.device)
             basis = self.bases.get(name)
             flat = rows.flatten()
             if basis is not None and basis.shape[1]:
@@ -198,8 +201,9 @@ class InputSubspace:
         self._counts[name] = self._counts.get(name, 0) + rows.shape[0]
 
     def _omega(self, name: str, size: int) -> Tensor:
-        """This task's ``Omega`` for a layer of ``size`` inputs: float64, outside its basis."""
-        return sketch_matrix(size, self.sketch, self.bases.get(name))
+        """This task's ``Omega`` for a layer of ``size`` inputs, outside its basis, in the float32 the
+        sketch is summed with (so a resumed task rebuilds the very matrix its sketch used)."""
+        return sketch_matrix(size, self.sketch, self.bases.get(name)).float()
 
     def consolidate(self, states: Iterable[LayerState], reduce_fn: Optional[Callable[[Tensor], Tensor]],
                     units: Optional[Mapping[str, Tensor]] = None) -> None:
@@ -228,7 +232,7 @@ class InputSubspace:
                 sketch = flat[offset:offset + size].view(self._sketches[n].shape)
                 total, inside = (float(v) for v in flat[offset + size:offset + size + 2])
                 offset += size + 2
-                omega = self._omegas[n].double().cpu() if n in self._omegas else self._omega(n, sketch.shape[0]).float().double()
+                omega = (self._omegas[n] if n in self._omegas else self._omega(n, sketch.shape[0])).double().cpu()
                 self.bases[n] = self._extend(self.bases.get(n), sketch, omega, total, inside)
         self._sketches, self._energies, self._counts, self._omegas = {}, {}, {}, {}
         self._held, self._unit_weights = {}, {}
