@@ -160,6 +160,42 @@ def test_the_engine_keeps_a_layers_response_to_the_first_tasks_inputs() -> None:
     engine.detach()
 
 
+def test_every_kth_step_projects_and_every_task_ends_projected() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    cfg = SSRConfig(subspace_energy=0.999, subspace_every=3, recycle_below=0.0, sense_every=1, update_every=2,
+                    warmup_steps=0)
+    engine = SSREngine(net, cfg)
+    engine.attach()
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    eye = torch.eye(8)
+
+    def step(span: torch.Tensor, i: int) -> float:
+        """One training step on inputs in ``span``; the first layer's drift along task 1's inputs after it."""
+        opt.zero_grad()
+        x, y = _rows_in(span, 32, i), torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(i))
+        nn.functional.cross_entropy(net(x), y).backward()
+        engine.before_step()
+        opt.step()
+        engine.after_step(opt)
+        basis = engine.subspace.bases.get("0")
+        if basis is None:
+            return float("nan")
+        return float(((net[0].weight.detach() - engine.anchoring.anchor_of(net[0].weight)) @ basis).abs().max())
+
+    for i in range(20):
+        step(eye[:, :3], i)
+    engine.consolidate()
+    old = _rows_in(eye[:, :3], 50, 7)
+    w_old = net[0].weight.detach().clone()
+    drifts = [step(eye, 100 + i) for i in range(7)]  # task 2 on every direction, old ones included
+    assert all(d < 1e-5 for d in drifts[2::3]), drifts  # steps 3 and 6: projected
+    assert all(d > 1e-3 for i, d in enumerate(drifts) if (i + 1) % 3), drifts  # the steps between drift
+    engine.consolidate()  # task 2 ends at its 7th step, between two projections: projected once more
+    assert_close(old @ net[0].weight.detach().T, old @ w_old.T, atol=1e-4, rtol=0)
+    engine.detach()
+
+
 @pytest.mark.parametrize("unused_outputs", [False, True])
 def test_output_units_no_task_used_stay_free_unless_asked(unused_outputs: bool) -> None:
     torch.manual_seed(0)
@@ -208,6 +244,8 @@ def test_configuration_errors_name_the_argument() -> None:
         SSRConfig(subspace_unused_outputs=True, subspace_energy=0.0)
     with pytest.raises(ValueError, match=r"off here \(subspace_energy=None, protection='update'"):
         SSRConfig(subspace_unused_outputs=True, protection="update")
+    with pytest.raises(ValueError, match=r"`subspace_every` must be >= 1, got 0"):
+        SSRConfig(subspace_every=0)
     with pytest.raises(TypeError, match=r"`subspace_unused_outputs` must be a bool, got 'yes'"):
         SSRConfig(subspace_energy=0.5, subspace_unused_outputs="yes")
 

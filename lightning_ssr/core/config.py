@@ -147,6 +147,12 @@ class SSRConfig:
             answering old inputs too, which separates the classes of different tasks in one head
             without replay, at the cost of learning the new classes less well (and of replay's
             gains beside it). Default: ``False`` (see the README, "Input-subspace protection").
+        subspace_every: with ``subspace_energy``, take the drift out of the old inputs' span every
+            ``k``-th optimizer step of a task, and once more at the task's end (before
+            consolidation), so every finished task ends exactly projected whatever ``k``; between
+            projections the weights may drift along old inputs for at most ``k - 1`` steps. The
+            projection reads each weight matrix about three times, so ``k`` divides its cost.
+            Default: ``1`` (every step).
         gate_outgoing: also protect each neuron's outgoing weights (the consumer layer's
             input columns) where the consumer is a tracked layer. Default: ``True``.
         protect_output: also protect the synapses into the (untracked) output layer, each by the
@@ -217,6 +223,7 @@ class SSRConfig:
     anchor_lr: Optional[float] = 1e-3
     subspace_energy: Optional[float] = None
     subspace_unused_outputs: bool = False
+    subspace_every: int = 1
     gate_outgoing: bool = True
     protect_output: bool = True
     output_targets: bool = True
@@ -231,6 +238,7 @@ class SSRConfig:
         self.tau = float(self.tau)
         check_int("update_every", self.update_every, 1)
         check_int("sense_every", self.sense_every, 1)
+        check_int("subspace_every", self.subspace_every, 1)
         if isinstance(self.set_point, str):
             check_choice("set_point", self.set_point, _SET_POINTS)
         else:

@@ -216,9 +216,14 @@ class SSREngine:
         self._window += 1
         self.sensor.follow()  # the hooks are registered for the steps that sense only
         updated = self.step % self.config.update_every == 0 and self._update()
-        if self.protecting and self.subspace.enabled:  # last: the pull and the scaling move weights in every direction
-            self.subspace.project(self.sensor.states(), self.anchoring.anchor_of)
+        if self.task_step % self.config.subspace_every == 0:  # last: the pull and the scaling move weights anywhere
+            self._project()
         return updated
+
+    def _project(self) -> None:
+        """Take the drift from the anchors out of the old inputs' span (input-subspace protection)."""
+        if self.protecting and self.subspace.enabled:
+            self.subspace.project(self.sensor.states(), self.anchoring.anchor_of)
 
     def _update(self, scale: bool = True) -> bool:
         cfg = self.config
@@ -284,6 +289,8 @@ class SSREngine:
         relative to its layer); later tasks then protect it. With ``remeasure_set_points`` the
         next task measures new set points in its warm-up; the long-run activity restarts.
         """
+        if self.task_step % self.config.subspace_every:
+            self._project()  # the task ends projected whatever subspace_every
         if self.sensor.pending():
             self._update(scale=False)  # fold in what was sensed since the last update
         with torch.no_grad():
