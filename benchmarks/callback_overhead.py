@@ -16,6 +16,7 @@ Usage::
     python benchmarks/callback_overhead.py --accelerator gpu --steps 400
     python benchmarks/callback_overhead.py --protection update   # the earlier default
     python benchmarks/callback_overhead.py --subspace-energy 0  # without input-subspace protection
+    python benchmarks/callback_overhead.py --protect-every 1    # the pull and the projection after every step
     python benchmarks/callback_overhead.py --malloc default      # glibc's allocator as it comes
 
 By default the script first raises glibc's mmap and trim thresholds (``mallopt``, as the
@@ -196,7 +197,8 @@ class Result(NamedTuple):
 
 
 def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
-            protection: str | None = None, subspace_energy: float | None = None) -> dict[str, Result]:
+            protection: str | None = None, subspace_energy: float | None = None,
+            protect_every: int | None = None) -> dict[str, Result]:
     """Per setting, the ratios of :class:`Result`.
 
     ``task 1``: a fresh callback (sensing, scaling, nothing protected yet) against a fresh model
@@ -212,6 +214,8 @@ def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
     ssr = {} if protection is None else {"protection": protection}  # the library's defaults otherwise
     if subspace_energy is not None:
         ssr["subspace_energy"] = subspace_energy
+    if protect_every is not None:
+        ssr["protect_every"] = protect_every
     protected = Classifier(make())
     task2 = SynapticScaling(**ssr)
     _fit(protected, loader, 10, [task2], accelerator)  # task 1 consolidated: protection is on from now
@@ -250,6 +254,8 @@ def main() -> None:
     parser.add_argument("--subspace-energy", type=float, default=None,
                         help="SSR's subspace_energy (input-subspace protection; default: the library's, 0.6 with "
                              "anchoring; 0 switches it off)")
+    parser.add_argument("--protect-every", type=int, default=None,
+                        help="SSR's protect_every (the pull and the projection every k-th step; default: the library's)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved pairs per setting (median taken)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated from mlp, cnn")
@@ -273,7 +279,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.accelerator in ("gpu", "cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"callback overhead: {args.steps} steps, {args.repeats} interleaved pairs per setting, batch "
           f"{args.batch_size}, {device}, protection {args.protection or 'default'}, subspace_energy "
-          f"{'default' if args.subspace_energy is None else format(args.subspace_energy, 'g')}, malloc: {allocator}")
+          f"{'default' if args.subspace_energy is None else format(args.subspace_energy, 'g')}, protect_every "
+          f"{'default' if args.protect_every is None else args.protect_every}, malloc: {allocator}")
     print("ratio = fit with SSR / fit without, median over pairs [min-max]; target: task 1 (nothing protected) "
           f"<= {TARGETS['task 1']}, task 2 (protection on) <= {TARGETS['task 2']}")
     print("floor: per step position the fastest time over the repeats, summed (with SSR / without; steady)")
@@ -282,7 +289,7 @@ def main() -> None:
     for key in chosen:
         name, make = models[key]
         results = measure(make, args.steps, args.repeats, args.batch_size, args.accelerator, args.protection,
-                          args.subspace_energy)
+                          args.subspace_energy, args.protect_every)
         for setting, res in results.items():
             cells = []
             for i in range(2):

@@ -13,6 +13,7 @@ Usage::
     python benchmarks/choose_replay_rate.py --dataset fmnist --rates 0.1 0.05 0.02
     python benchmarks/choose_replay_rate.py --rates 0.02 --output-targets both   # output_targets beside replay
     python benchmarks/choose_replay_rate.py --rates 0.02 --recycle-below 0 0.1  # recycling beside replay
+    python benchmarks/choose_replay_rate.py --rates 0.02 --protect-every 1 2     # the pull every step or every 2nd
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recycle-below", type=float, nargs="+", default=[0.0],
                         help="SSR's recycle_below beside replay, a row each: 0 (the bench's ssr-replay) or the "
                              "library's default 0.1")
+    parser.add_argument("--protect-every", type=int, nargs="+", default=[None],
+                        help="SSR's protect_every beside replay, a row each (default: the library's)")
     args = parser.parse_args(argv)
     quiet_warnings()
     bench = make_benchmark(args.dataset, "split", args.scenario, 5, seed=0)
@@ -53,9 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     for rate in args.rates:
         for on in targets:
             for recycle in args.recycle_below:
-                name = f"ssr-replay a={rate}" + (" targets" if on else "") + (f" recycle={recycle:g}" if recycle else "")
-                rows[name] = (ssr_replay, {**ssr_replay.candidates(1)[0], "mem_size": args.mem_size,
-                                           "anchor_rate": rate, "output_targets": on, "recycle_below": recycle})
+                for every in args.protect_every:
+                    name = (f"ssr-replay a={rate}" + (" targets" if on else "") + (f" recycle={recycle:g}" if recycle else "")
+                            + (f" every={every}" if every is not None else ""))
+                    rows[name] = (ssr_replay, {**ssr_replay.candidates(1)[0], "mem_size": args.mem_size,
+                                               "anchor_rate": rate, "output_targets": on, "recycle_below": recycle,
+                                               **({"protect_every": every} if every is not None else {})})
     print(f"{args.dataset} split, {args.scenario}-incremental, validation splits, buffer {args.mem_size}, "
           f"{args.seeds} seeds: average accuracy % (plasticity %)")
     for name, (method, hp) in rows.items():

@@ -319,6 +319,23 @@ def test_anchoring_shrinks_below_the_reference_learning_rate_and_never_grows_abo
         assert_close(p.detach(), torch.full((1, 2), expected))
 
 
+def test_a_pull_over_k_steps_removes_what_k_pulls_in_a_row_would() -> None:
+    from lightning_ssr.core.anchoring import Anchoring
+
+    gate = torch.tensor([[0.0], [0.5]])  # one fully protected neuron, one half
+    params = [nn.Parameter(torch.ones(2, 3)) for _ in range(2)]
+    anchoring = Anchoring(rate=0.3)
+    anchoring.set_anchors(params)
+    with torch.no_grad():
+        for p in params:
+            p.fill_(2.0)
+    for _ in range(3):
+        anchoring.pull([(params[0], None, gate)])
+    anchoring.pull([(params[1], None, gate)], steps=3)
+    assert_close(params[1].detach(), params[0].detach())
+    assert_close(params[1].detach()[:, 0], torch.tensor([1.0 + 0.7 ** 3, 1.0 + 0.85 ** 3]))
+
+
 def test_anchoring_pulls_important_synapses_back_and_leaves_updates_free() -> None:
     # anchoring alone: input-subspace protection (on by default with anchoring) off
     engine, net, train = _engine_after_one_task(protection="anchor", anchor_rate=0.5, subspace_energy=0.0)
@@ -331,7 +348,7 @@ def test_anchoring_pulls_important_synapses_back_and_leaves_updates_free() -> No
     free_drift = (free_net[0].weight.detach() - anchor).norm(dim=1)
     important = engine.layers["0"].importance > 0.5
     assert bool(important.any())
-    assert bool((drift[important] <= free_drift[important]).all())
+    assert bool((drift[important] <= free_drift[important] + 1e-3).all())  # rows that barely move tie
     assert float(drift[important].sum()) < 0.2 * float(free_drift[important].sum())
     # bytes: one copy of the gated weights on top of the per-neuron state
     anchored = sum(p.numel() * 4 for p in engine.protection.parameters())

@@ -163,7 +163,7 @@ def test_the_engine_keeps_a_layers_response_to_the_first_tasks_inputs() -> None:
 def test_every_kth_step_projects_and_every_task_ends_projected() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    cfg = SSRConfig(subspace_energy=0.999, subspace_every=3, recycle_below=0.0, sense_every=1, update_every=2,
+    cfg = SSRConfig(subspace_energy=0.999, protect_every=3, recycle_below=0.0, sense_every=1, update_every=2,
                     warmup_steps=0)
     engine = SSREngine(net, cfg)
     engine.attach()
@@ -244,8 +244,8 @@ def test_configuration_errors_name_the_argument() -> None:
         SSRConfig(subspace_unused_outputs=True, subspace_energy=0.0)
     with pytest.raises(ValueError, match=r"off here \(subspace_energy=None, protection='update'"):
         SSRConfig(subspace_unused_outputs=True, protection="update")
-    with pytest.raises(ValueError, match=r"`subspace_every` must be >= 1, got 0"):
-        SSRConfig(subspace_every=0)
+    with pytest.raises(ValueError, match=r"`protect_every` must be >= 1, got 0"):
+        SSRConfig(protect_every=0)
     with pytest.raises(TypeError, match=r"`subspace_unused_outputs` must be a bool, got 'yes'"):
         SSRConfig(subspace_energy=0.5, subspace_unused_outputs="yes")
 

@@ -123,6 +123,8 @@ METHODS: dict[str, Method] = {
              "earlier default)", recycle_shared_head=True),
         _ssr("ssr-full-partial", "SSR ablation: a smaller last batch takes a full optimizer step, not one scaled by "
              "its samples (the earlier behaviour)", scale_partial_batches=False),
+        _ssr("ssr-every-step", "SSR ablation: the anchoring pull and the input-subspace projection after every "
+             "optimizer step, not every second (the earlier default)", protect_every=1),
         _ssr("ssr-no-subspace", "SSR ablation: no input-subspace protection (the earlier default)", subspace_energy=0.0),
         _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),

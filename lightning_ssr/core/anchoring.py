@@ -77,9 +77,9 @@ class Anchoring:
         self.rate = float(rate)
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         self._anchors: dict[int, Tensor] = {}
-        #: Per parameter: the gate and the learning-rate factor the pull weights were derived
-        #: from, and ``rate * factor * (1 - gate)``.
-        self._weights: dict[int, tuple[Tensor, float, Tensor]] = {}
+        #: Per parameter: the gate, and the learning-rate factor and steps the pull weights were
+        #: derived from, and the pull weights (``rate * factor * (1 - gate)`` for one step).
+        self._weights: dict[int, tuple[Tensor, tuple[float, int], Tensor]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -92,7 +92,8 @@ class Anchoring:
         self._anchors = {id(p): p.detach().clone(memory_format=torch.contiguous_format) for p in params}
         self._weights = {}
 
-    def pull(self, cache: Iterable[CacheEntry], optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    def pull(self, cache: Iterable[CacheEntry], optimizer: Optional[torch.optim.Optimizer] = None,
+             steps: int = 1) -> None:
         """After an optimizer step: ``p <- p + rate * factor * (1 - gate) * (anchor - p)``, in place.
 
         Args:
@@ -101,18 +102,16 @@ class Anchoring:
                 ``factor = min(lr / reference_lr, 1)`` from its parameter group, so below the
                 reference the pull shrinks with the learning rate as AdamW's decoupled weight decay
                 does, and above it stays ``rate``. Without a ``reference_lr``, ``factor = 1``.
+            steps: how many steps' pulls this one applies (``protect_every``): the fraction
+                removed is ``1 - (1 - w) ** steps`` for a per-step fraction ``w``, the distance
+                that many pulls in a row remove.
 
         Raises:
             ValueError: with a ``reference_lr`` but no ``optimizer``.
         """
         if not self.enabled or not self._anchors:
             return
-        if self.reference_lr is not None and optimizer is None:
-            raise ValueError(
-                f"`anchor_lr={self.reference_lr:g}` scales the anchoring pull with the learning rate, but no "
-                "optimizer was given: call SSREngine.after_step(optimizer), or set SSRConfig(anchor_lr=None) "
-                "for a pull of anchor_rate per step whatever the learning rate"
-            )
+        self.check(optimizer)
         lrs = None
         if self.reference_lr is not None:
             lrs = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
@@ -125,12 +124,27 @@ class Anchoring:
                 if lrs is not None:
                     factor = lr_factor(lrs.get(id(p), self.reference_lr), self.reference_lr)
                 cached = self._weights.get(id(p))
-                if cached is None or cached[0] is not gate or cached[1] != factor:  # derive again
-                    cached = self._weights[id(p)] = (gate, factor, (self.rate * factor) * (1.0 - gate))
+                if cached is None or cached[0] is not gate or cached[1] != (factor, steps):  # derive again
+                    w = (self.rate * factor) * (1.0 - gate)
+                    cached = self._weights[id(p)] = (gate, (factor, steps), w if steps == 1 else 1.0 - (1.0 - w) ** steps)
                 w = cached[2]
                 if anchor.device != p.device:
                     anchor = self._anchors[id(p)] = anchor.to(p.device)
                 as_view(p, shape).lerp_(as_view(anchor, shape), w)
+
+    def check(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Refuse a missing ``optimizer`` where the pull needs its learning rates (the engine checks on
+        every step, also those that do not pull, so the error comes at the first protected step).
+
+        Raises:
+            ValueError: with a ``reference_lr`` and anchors set but no ``optimizer``.
+        """
+        if self.enabled and self._anchors and self.reference_lr is not None and optimizer is None:
+            raise ValueError(
+                f"`anchor_lr={self.reference_lr:g}` scales the anchoring pull with the learning rate, but no "
+                "optimizer was given: call SSREngine.after_step(optimizer), or set SSRConfig(anchor_lr=None) "
+                "for a pull of anchor_rate per step whatever the learning rate"
+            )
 
     def anchor_of(self, p: nn.Parameter) -> Optional[Tensor]:
         """The anchor of ``p`` (``None`` where it has none)."""

@@ -210,13 +210,17 @@ class SSREngine:
         self._resolve_consumers()
         self.partial.after_step()
         self.protection.after_step()
-        self.anchoring.pull(self.protection.cache, optimizer)  # the cache is empty while nothing is protected
         self.step += 1
         self.task_step += 1
         self._window += 1
+        due = self.task_step % self.config.protect_every == 0
+        if due:  # the cache is empty while nothing is protected
+            self.anchoring.pull(self.protection.cache, optimizer, steps=self.config.protect_every)
+        else:
+            self.anchoring.check(optimizer)
         self.sensor.follow()  # the hooks are registered for the steps that sense only
         updated = self.step % self.config.update_every == 0 and self._update()
-        if self.task_step % self.config.subspace_every == 0:  # last: the pull and the scaling move weights anywhere
+        if due:  # last: the pull and the scaling move weights in every direction
             self._project()
         return updated
 
@@ -289,8 +293,8 @@ class SSREngine:
         relative to its layer); later tasks then protect it. With ``remeasure_set_points`` the
         next task measures new set points in its warm-up; the long-run activity restarts.
         """
-        if self.task_step % self.config.subspace_every:
-            self._project()  # the task ends projected whatever subspace_every
+        if self.task_step % self.config.protect_every:
+            self._project()  # the task ends projected whatever protect_every
         if self.sensor.pending():
             self._update(scale=False)  # fold in what was sensed since the last update
         with torch.no_grad():
