@@ -214,6 +214,7 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
     assert METHODS["ssr-full-partial"].base == {"scale_partial_batches": False}
     assert METHODS["ssr-no-subspace"].base == {"subspace_energy": 0.0}
     assert METHODS["ssr-every-step"].base == {"protect_every": 1}
+    assert METHODS["ssr-replay"].base["protect_every"] == 1  # beside a buffer the pull runs every step
     assert [g["mem_size"] for g in METHODS["ssr-replay"].grid] == [g["mem_size"] for g in METHODS["replay"].grid]
 
 
