@@ -336,6 +336,29 @@ def test_a_pull_over_k_steps_removes_what_k_pulls_in_a_row_would() -> None:
     assert_close(params[1].detach()[:, 0], torch.tensor([1.0 + 0.7 ** 3, 1.0 + 0.85 ** 3]))
 
 
+def test_the_pull_follows_new_gates_learning_rates_and_storage() -> None:
+    from lightning_ssr.core.anchoring import Anchoring
+
+    p = nn.Parameter(torch.zeros(1, 4))  # viewed as (1, 2, 2) for its gate, as a convolution's weight is
+    anchoring = Anchoring(rate=0.5, reference_lr=0.1)
+    anchoring.set_anchors([p])
+    optimizer = torch.optim.SGD([p], lr=0.1)
+
+    def pulled(gate: torch.Tensor) -> float:
+        with torch.no_grad():
+            p.fill_(1.0)
+        anchoring.pull([(p, (1, 2, -1), gate)], optimizer)
+        return float(p.detach()[0, 0])
+
+    full = torch.zeros(1, 2, 1)
+    assert pulled(full) == pytest.approx(0.5)
+    assert pulled(torch.full((1, 2, 1), 0.5)) == pytest.approx(0.75)  # new gates
+    optimizer.param_groups[0]["lr"] = 0.05
+    assert pulled(full) == pytest.approx(0.75)  # a new learning rate
+    p.data = p.data.clone()  # new storage (as a move to another device gives)
+    assert pulled(full) == pytest.approx(0.75)
+
+
 def test_anchoring_pulls_important_synapses_back_and_leaves_updates_free() -> None:
     # anchoring alone: input-subspace protection (on by default with anchoring) off
     engine, net, train = _engine_after_one_task(protection="anchor", anchor_rate=0.5, subspace_energy=0.0)

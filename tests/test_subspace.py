@@ -121,6 +121,26 @@ def test_the_projection_keeps_old_outputs_and_leaves_the_rest_free(channels_last
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_the_projection_follows_new_anchors_and_a_weight_given_new_storage() -> None:
+    lin = nn.Linear(3, 2, bias=False)
+    st, sub = LayerState("0", lin), InputSubspace(energy=0.999, rows=64)
+    sub.observe(st, torch.tensor([[1.0, 0.0, 0.0]]).repeat(8, 1))  # old inputs along the first input only
+    sub.consolidate([st], reduce_fn=None)
+    anchors = [torch.zeros(2, 3)]
+
+    def moved_then_projected() -> torch.Tensor:
+        with torch.no_grad():
+            lin.weight.fill_(5.0)
+        sub.project([st], lambda p: anchors[0])
+        return lin.weight.detach()[:, 0]
+
+    assert_close(moved_then_projected(), torch.zeros(2))
+    anchors[0] = torch.ones(2, 3)  # a task's end sets new anchors
+    assert_close(moved_then_projected(), torch.ones(2))
+    lin.weight.data = lin.weight.data.clone()  # new storage (as a move to another device gives)
+    assert_close(moved_then_projected(), torch.ones(2))
+
+
 def test_input_rows_reads_patches_in_the_weights_column_order() -> None:
     conv = nn.Conv2d(2, 3, 2, bias=False)
     x = torch.randn(1, 2, 3, 3)

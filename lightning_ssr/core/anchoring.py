@@ -77,9 +77,9 @@ class Anchoring:
         self.rate = float(rate)
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         self._anchors: dict[int, Tensor] = {}
-        #: Per parameter: the gate, and the learning-rate factor and steps the pull weights were
-        #: derived from, and the pull weights (``rate * factor * (1 - gate)`` for one step).
-        self._weights: dict[int, tuple[Tensor, tuple[float, int], Tensor]] = {}
+        #: What :meth:`pull` was derived from (the steps and learning rates; each parameter's storage
+        #: and gate) and, per pulled parameter, its view, its anchor's view and its pull weights.
+        self._plan: Optional[tuple[tuple[int, tuple[float, ...]], list[tuple[int, Tensor]], list[tuple[Tensor, Tensor, Tensor]]]] = None
 
     @property
     def enabled(self) -> bool:
@@ -90,7 +90,7 @@ class Anchoring:
         if not self.enabled:
             return
         self._anchors = {id(p): p.detach().clone(memory_format=torch.contiguous_format) for p in params}
-        self._weights = {}
+        self._plan = None
 
     def pull(self, cache: Iterable[CacheEntry], optimizer: Optional[torch.optim.Optimizer] = None,
              steps: int = 1) -> None:
@@ -112,25 +112,35 @@ class Anchoring:
         if not self.enabled or not self._anchors:
             return
         self.check(optimizer)
-        lrs = None
+        cache = list(cache)
+        settings = (steps, () if self.reference_lr is None else tuple(float(g["lr"]) for g in optimizer.param_groups))
+        plan = self._plan
+        if plan is None or plan[0] != settings or len(plan[1]) != len(cache) or any(
+                ptr != p.data_ptr() or g is not gate for (ptr, g), (p, _, gate) in zip(plan[1], cache)):
+            plan = self._plan = (settings, [(p.data_ptr(), gate) for p, _, gate in cache],
+                                 self._make_plan(cache, optimizer, steps))
+        with torch.no_grad():
+            for view, anchor, w in plan[2]:
+                view.lerp_(anchor, w)
+
+    def _make_plan(self, cache: list[CacheEntry], optimizer: Optional[torch.optim.Optimizer],
+                   steps: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per anchored parameter of ``cache``: its view for the gate, its anchor's view (on its
+        device) and the pull weights ``1 - (1 - rate * factor * (1 - gate)) ** steps``."""
+        lrs = {}
         if self.reference_lr is not None:
             lrs = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
-        with torch.no_grad():
-            for p, shape, gate in cache:
-                anchor = self._anchors.get(id(p))
-                if anchor is None:
-                    continue
-                factor = 1.0
-                if lrs is not None:
-                    factor = lr_factor(lrs.get(id(p), self.reference_lr), self.reference_lr)
-                cached = self._weights.get(id(p))
-                if cached is None or cached[0] is not gate or cached[1] != (factor, steps):  # derive again
-                    w = (self.rate * factor) * (1.0 - gate)
-                    cached = self._weights[id(p)] = (gate, (factor, steps), w if steps == 1 else 1.0 - (1.0 - w) ** steps)
-                w = cached[2]
-                if anchor.device != p.device:
-                    anchor = self._anchors[id(p)] = anchor.to(p.device)
-                as_view(p, shape).lerp_(as_view(anchor, shape), w)
+        plan = []
+        for p, shape, gate in cache:
+            anchor = self._anchors.get(id(p))
+            if anchor is None:
+                continue
+            if anchor.device != p.device:
+                anchor = self._anchors[id(p)] = anchor.to(p.device)
+            factor = 1.0 if self.reference_lr is None else lr_factor(lrs.get(id(p), self.reference_lr), self.reference_lr)
+            w = (self.rate * factor) * (1.0 - gate)
+            plan.append((as_view(p, shape), as_view(anchor, shape), w if steps == 1 else 1.0 - (1.0 - w) ** steps))
+        return plan
 
     def check(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Refuse a missing ``optimizer`` where the pull needs its learning rates (the engine checks on
@@ -165,4 +175,4 @@ class Anchoring:
             raise ValueError(f"SSR anchors saved for parameters {missing}, which this model does not have")
         self._anchors = {id(params[n]): t.detach().clone().to(device=params[n].device, dtype=params[n].dtype)
                          for n, t in state.items()}
-        self._weights = {}
+        self._plan = None

@@ -156,10 +156,10 @@ class InputSubspace:
         self._energies: dict[str, Tensor] = {}  # this task: sums of |x|^2 and of |x U|^2 (inside the basis)
         self._counts: dict[str, int] = {}
         self._omegas: dict[str, Tensor] = {}  # this task's Omega per layer (derived from the basis)
-        self._held: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: anchor, basis, A U
+        #: The layers' keys (weight storage, anchor) and, per layer to project, what :meth:`project` uses.
+        self._plan: Optional[tuple[list[tuple[int, Optional[Tensor]]], list[tuple]]] = None
         #: Per layer name: which units' incoming drift is projected (all where absent).
         self.units: dict[str, Tensor] = {}
-        self._unit_weights: dict[str, Tensor] = {}  # the masks as (out, 1) weights on the weight's device
 
     @property
     def enabled(self) -> bool:
@@ -235,7 +235,7 @@ class InputSubspace:
                 omega = (self._omegas[n] if n in self._omegas else self._omega(n, sketch.shape[0])).double().cpu()
                 self.bases[n] = self._extend(self.bases.get(n), sketch, omega, total, inside)
         self._sketches, self._energies, self._counts, self._omegas = {}, {}, {}, {}
-        self._held, self._unit_weights = {}, {}
+        self._plan = None
 
     def _extend(self, basis: Optional[Tensor], sketch: Tensor, omega: Tensor, total: float, inside: float) -> Tensor:
         """The basis with the task's leading new directions added until it holds ``energy`` of ``total``."""
@@ -255,49 +255,55 @@ class InputSubspace:
     def project(self, states: Iterable[LayerState], anchor_of: Callable[[nn.Parameter], Optional[Tensor]]) -> None:
         """``W <- W - (W - A) U U^T`` in place, for each layer with a basis and an anchor ``A`` of its weight.
 
-        Computed as ``W - (W U - A U) U^T`` with ``A U`` kept from the first call after the anchors
-        or the basis change: one read of ``W`` and one fused update, the cost of two thin matrix
-        products (``out x in x k``).
+        Computed as ``W - (W U - A U) U^T`` with ``A U`` kept in a per-layer plan built on the first
+        call after the anchors, the basis or the weight's storage change: one read of ``W`` and one
+        fused update, the cost of two thin matrix products (``out x in x k``).
         """
         if not self.enabled:
             return
+        weights = [st.module.weight for st in states]
+        key = [(w.data_ptr(), anchor_of(w)) for w in weights]  # the plan holds both, so neither id is reused
+        if self._plan is None or len(self._plan[0]) != len(key) or any(
+                p != k[0] or a is not k[1] for (p, a), k in zip(self._plan[0], key)):
+            self._plan = (key, self._make_plan(list(states), anchor_of))
         with torch.no_grad():
-            for st in states:
-                weight, basis = st.module.weight, self.bases.get(st.name)
-                anchor = anchor_of(weight)
-                if basis is None or basis.shape[1] == 0 or anchor is None or anchor.shape != weight.shape:
-                    continue
-                if basis.device != weight.device or basis.dtype != weight.dtype:
-                    basis = self.bases[st.name] = basis.to(device=weight.device, dtype=weight.dtype)
-                held = self._held.get(st.name)
-                if held is None or held[0] is not anchor or held[1] is not basis:
-                    held = self._held[st.name] = (anchor, basis, anchor.reshape(weight.shape[0], -1) @ basis)
-                mask = self._unit_weight(st.name, weight)
-                if weight.is_contiguous():
-                    w = weight.view(weight.shape[0], -1)
-                    drift = torch.addmm(held[2], w, basis, beta=-1.0)  # W U - A U in one call
+            for weight, w, basis, held, mask in self._plan[1]:
+                if w is not None:
+                    drift = torch.addmm(held, w, basis, beta=-1.0)  # W U - A U in one call
                     w.addmm_(drift if mask is None else drift.mul_(mask), basis.T, alpha=-1.0)
                 else:  # e.g. a channels_last convolution: the same update through a copy of its rows
-                    w = weight.reshape(weight.shape[0], -1)
-                    drift = torch.addmm(held[2], w, basis, beta=-1.0)
+                    drift = torch.addmm(held, weight.reshape(weight.shape[0], -1), basis, beta=-1.0)
                     weight.sub_(((drift if mask is None else drift.mul_(mask)) @ basis.T).view(weight.shape))
+
+    def _make_plan(self, states: list[LayerState], anchor_of: Callable[[nn.Parameter], Optional[Tensor]]) -> list[tuple]:
+        """Per layer to project: the weight, its ``(out, in)`` view (``None`` where it is not contiguous),
+        the basis on the weight's device and dtype, ``A U`` and the unit mask."""
+        plan = []
+        for st in states:
+            weight, basis = st.module.weight, self.bases.get(st.name)
+            anchor = anchor_of(weight)
+            if basis is None or basis.shape[1] == 0 or anchor is None or anchor.shape != weight.shape:
+                continue
+            if basis.device != weight.device or basis.dtype != weight.dtype:
+                basis = self.bases[st.name] = basis.to(device=weight.device, dtype=weight.dtype)
+            view = weight.view(weight.shape[0], -1) if weight.is_contiguous() else None
+            held = anchor.to(weight.device).reshape(weight.shape[0], -1) @ basis
+            plan.append((weight, view, basis, held, self._unit_weight(st.name, weight)))
+        return plan
 
     def _unit_weight(self, name: str, weight: Tensor) -> Optional[Tensor]:
         """``units[name]`` as a ``(out, 1)`` tensor of 0 and 1 on the weight's device (``None``: every unit)."""
         units = self.units.get(name)
         if units is None:
             return None
-        cached = self._unit_weights.get(name)
-        if cached is None or cached.shape[0] != weight.shape[0] or cached.device != weight.device or cached.dtype != weight.dtype:
-            full = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
-            n = min(units.numel(), weight.shape[0])
-            full[:n, 0] = units[:n].to(weight.dtype)
-            cached = self._unit_weights[name] = full.to(weight.device)
-        return cached
+        full = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
+        n = min(units.numel(), weight.shape[0])
+        full[:n, 0] = units[:n].to(weight.dtype)
+        return full.to(weight.device)
 
     def nbytes(self) -> int:
         """Bytes held: the bases, this task's sketches and their ``Omega``, each layer's ``A U`` and the unit masks."""
-        held = [h[2] for h in self._held.values()] + list(self.units.values())
+        held = ([entry[3] for entry in self._plan[1]] if self._plan is not None else []) + list(self.units.values())
         tensors = [*self.bases.values(), *self._sketches.values(), *self._energies.values(), *self._omegas.values(), *held]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -313,4 +319,4 @@ class InputSubspace:
         self._energies = {n: t.clone() for n, t in state.get("energies", {}).items()}
         self._counts = {n: int(c) for n, c in state.get("counts", {}).items()}
         self.units = {n: t.to(torch.bool).clone() for n, t in state.get("units", {}).items()}
-        self._omegas, self._held, self._unit_weights = {}, {}, {}
+        self._omegas, self._plan = {}, None
