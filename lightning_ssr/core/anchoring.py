@@ -77,9 +77,9 @@ class Anchoring:
         self.rate = float(rate)
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         self._anchors: dict[int, Tensor] = {}
-        #: What :meth:`pull` was derived from (the steps and learning rates; each parameter's storage
-        #: and gate) and, per pulled parameter, its view, its anchor's view and its pull weights.
-        self._plan: Optional[tuple[tuple[int, tuple[float, ...]], list[tuple[int, Tensor]], list[tuple[Tensor, Tensor, Tensor]]]] = None
+        #: What :meth:`pull` was derived from (the steps and learning rates), and per cached parameter
+        #: its storage and gate and its view, its anchor's view and its pull weights.
+        self._plan: Optional[tuple[tuple[int, tuple[float, ...]], list[Any], list[Any]]] = None
 
     @property
     def enabled(self) -> bool:
@@ -114,33 +114,32 @@ class Anchoring:
         self.check(optimizer)
         cache = list(cache)
         settings = (steps, () if self.reference_lr is None else tuple(float(g["lr"]) for g in optimizer.param_groups))
-        plan = self._plan
-        if plan is None or plan[0] != settings or len(plan[1]) != len(cache) or any(
-                ptr != p.data_ptr() or g is not gate for (ptr, g), (p, _, gate) in zip(plan[1], cache)):
-            plan = self._plan = (settings, [(p.data_ptr(), gate) for p, _, gate in cache],
-                                 self._make_plan(cache, optimizer, steps))
+        if self._plan is None or self._plan[0] != settings or len(self._plan[1]) != len(cache):
+            self._plan = (settings, [None] * len(cache), [None] * len(cache))
+        keys, entries = self._plan[1], self._plan[2]
+        for i, (p, shape, gate) in enumerate(cache):  # derive again only what changed (e.g. the output gates)
+            if keys[i] is None or keys[i][0] != p.data_ptr() or keys[i][1] is not gate:
+                keys[i], entries[i] = (p.data_ptr(), gate), self._entry(p, shape, gate, optimizer, steps)
         with torch.no_grad():
-            for view, anchor, w in plan[2]:
-                view.lerp_(anchor, w)
+            for entry in entries:
+                if entry is not None:
+                    entry[0].lerp_(entry[1], entry[2])
 
-    def _make_plan(self, cache: list[CacheEntry], optimizer: Optional[torch.optim.Optimizer],
-                   steps: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Per anchored parameter of ``cache``: its view for the gate, its anchor's view (on its
-        device) and the pull weights ``1 - (1 - rate * factor * (1 - gate)) ** steps``."""
-        lrs = {}
+    def _entry(self, p: nn.Parameter, shape: Optional[tuple[int, ...]], gate: Tensor,
+               optimizer: Optional[torch.optim.Optimizer], steps: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """``p``'s view for its gate, its anchor's view (on ``p``'s device) and its pull weights
+        ``1 - (1 - rate * factor * (1 - gate)) ** steps`` (``None`` where ``p`` has no anchor)."""
+        anchor = self._anchors.get(id(p))
+        if anchor is None:
+            return None
+        if anchor.device != p.device:
+            anchor = self._anchors[id(p)] = anchor.to(p.device)
+        factor = 1.0
         if self.reference_lr is not None:
-            lrs = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
-        plan = []
-        for p, shape, gate in cache:
-            anchor = self._anchors.get(id(p))
-            if anchor is None:
-                continue
-            if anchor.device != p.device:
-                anchor = self._anchors[id(p)] = anchor.to(p.device)
-            factor = 1.0 if self.reference_lr is None else lr_factor(lrs.get(id(p), self.reference_lr), self.reference_lr)
-            w = (self.rate * factor) * (1.0 - gate)
-            plan.append((as_view(p, shape), as_view(anchor, shape), w if steps == 1 else 1.0 - (1.0 - w) ** steps))
-        return plan
+            lr = next((float(g["lr"]) for g in optimizer.param_groups if any(q is p for q in g["params"])), self.reference_lr)
+            factor = lr_factor(lr, self.reference_lr)
+        w = (self.rate * factor) * (1.0 - gate)
+        return as_view(p, shape), as_view(anchor, shape), w if steps == 1 else 1.0 - (1.0 - w) ** steps
 
     def check(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Refuse a missing ``optimizer`` where the pull needs its learning rates (the engine checks on
