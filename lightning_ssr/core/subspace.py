@@ -261,11 +261,11 @@ class InputSubspace:
         """
         if not self.enabled:
             return
-        weights = [st.module.weight for st in states]
-        key = [(w.data_ptr(), anchor_of(w)) for w in weights]  # the plan holds both, so neither id is reused
+        states = list(states)
+        key = [(st.module.weight.data_ptr(), anchor_of(st.module.weight)) for st in states]  # the plan holds both
         if self._plan is None or len(self._plan[0]) != len(key) or any(
                 p != k[0] or a is not k[1] for (p, a), k in zip(self._plan[0], key)):
-            self._plan = (key, self._make_plan(list(states), anchor_of))
+            self._plan = (key, self._make_plan(states, anchor_of))
         with torch.no_grad():
             for weight, w, basis, held, mask in self._plan[1]:
                 if w is not None:
