@@ -69,6 +69,10 @@ STREAMS: dict[str, Stream] = {s.name: s for s in (
     Stream("digits-task", "digits", "split", "task", 5, 5),
     Stream("digits-domain", "digits", "split", "domain", 5, 5),
     Stream("digits-class", "digits", "split", "class", 5, 5),
+    # Permuted digits (10 permutations of the 64 pixels, the bench's `--protocol permuted` on digits)
+    Stream("digits-permuted-task", "digits", "permuted", "task", 10, 5),
+    Stream("digits-permuted-domain", "digits", "permuted", "domain", 10, 5),
+    Stream("digits-permuted-class", "digits", "permuted", "class", 10, 5),
     Stream("fmnist-split-task", "fmnist", "split", "task", 5, 1),
     Stream("fmnist-split-domain", "fmnist", "split", "domain", 5, 1),
     Stream("fmnist-split-class", "fmnist", "split", "class", 5, 1),
