@@ -353,6 +353,11 @@ def test_the_pull_follows_new_gates_learning_rates_and_storage() -> None:
     full = torch.zeros(1, 2, 1)
     assert pulled(full) == pytest.approx(0.5)
     assert pulled(torch.full((1, 2, 1), 0.5)) == pytest.approx(0.75)  # new gates
+    assert pulled(full) == pytest.approx(0.5)
+    weights = anchoring._plan[2][0][2]
+    optimizer.param_groups[0]["lr"] = 0.3  # above the reference: the same factor, nothing derived again
+    assert pulled(full) == pytest.approx(0.5)
+    assert anchoring._plan[2][0][2] is weights
     optimizer.param_groups[0]["lr"] = 0.05
     assert pulled(full) == pytest.approx(0.75)  # a new learning rate
     p.data = p.data.clone()  # new storage (as a move to another device gives)

@@ -77,8 +77,8 @@ class Anchoring:
         self.rate = float(rate)
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         self._anchors: dict[int, Tensor] = {}
-        #: What :meth:`pull` was derived from (the steps and learning rates), and per cached parameter
-        #: its storage and gate and its view, its anchor's view and its pull weights.
+        #: What :meth:`pull` was derived from (the steps and the learning-rate factors), and per cached
+        #: parameter its storage and gate and its view, its anchor's view and its pull weights.
         self._plan: Optional[tuple[tuple[int, tuple[float, ...]], list[Any], list[Any]]] = None
 
     @property
@@ -113,7 +113,9 @@ class Anchoring:
             return
         self.check(optimizer)
         cache = list(cache)
-        settings = (steps, () if self.reference_lr is None else tuple(float(g["lr"]) for g in optimizer.param_groups))
+        # the learning rates enter through their factors only: a schedule above ``reference_lr`` derives nothing again
+        settings = (steps, () if self.reference_lr is None else
+                    tuple(lr_factor(float(g["lr"]), self.reference_lr) for g in optimizer.param_groups))
         if self._plan is None or self._plan[0] != settings or len(self._plan[1]) != len(cache):
             self._plan = (settings, [None] * len(cache), [None] * len(cache))
         keys, entries = self._plan[1], self._plan[2]
@@ -136,8 +138,9 @@ class Anchoring:
             anchor = self._anchors[id(p)] = anchor.to(p.device)
         factor = 1.0
         if self.reference_lr is not None:
-            lr = next((float(g["lr"]) for g in optimizer.param_groups if any(q is p for q in g["params"])), self.reference_lr)
-            factor = lr_factor(lr, self.reference_lr)
+            group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
+            lr = self.reference_lr if group is None else float(group["lr"])
+            factor = lr_factor(lr, self.reference_lr)  # the factor the plan's settings hold for p's group
         w = (self.rate * factor) * (1.0 - gate)
         return as_view(p, shape), as_view(anchor, shape), w if steps == 1 else 1.0 - (1.0 - w) ** steps
 
