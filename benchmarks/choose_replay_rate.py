@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -53,15 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = {"replay": (METHODS["replay"], {"mem_size": args.mem_size})}
     targets = {"off": [False], "on": [True], "both": [False, True]}[args.output_targets]
     ssr_replay = METHODS["ssr-replay"]
-    for rate in args.rates:
-        for on in targets:
-            for recycle in args.recycle_below:
-                for every in args.protect_every:
-                    name = (f"ssr-replay a={rate}" + (" targets" if on else "") + (f" recycle={recycle:g}" if recycle else "")
-                            + (f" every={every}" if every is not None else ""))
-                    rows[name] = (ssr_replay, {**ssr_replay.candidates(1)[0], "mem_size": args.mem_size,
-                                               "anchor_rate": rate, "output_targets": on, "recycle_below": recycle,
-                                               **({"protect_every": every} if every is not None else {})})
+    for rate, on, recycle, every in itertools.product(args.rates, targets, args.recycle_below, args.protect_every):
+        name = (f"ssr-replay a={rate}" + (" targets" if on else "") + (f" recycle={recycle:g}" if recycle else "")
+                + (f" every={every}" if every is not None else ""))
+        rows[name] = (ssr_replay, {**ssr_replay.candidates(1)[0], "mem_size": args.mem_size, "anchor_rate": rate,
+                                   "output_targets": on, "recycle_below": recycle,
+                                   **({"protect_every": every} if every is not None else {})})
     print(f"{args.dataset} split, {args.scenario}-incremental, validation splits, buffer {args.mem_size}, "
           f"{args.seeds} seeds: average accuracy % (plasticity %)")
     for name, (method, hp) in rows.items():
