@@ -18,6 +18,7 @@ Usage::
     python benchmarks/callback_overhead.py --subspace-energy 0  # without input-subspace protection
     python benchmarks/callback_overhead.py --protect-every 1    # the pull and the projection after every step
     python benchmarks/callback_overhead.py --malloc default      # glibc's allocator as it comes
+    python benchmarks/callback_overhead.py --parts --threads 1   # where SSR's time goes, part by part
 
 By default the script first raises glibc's mmap and trim thresholds (``mallopt``, as the
 environment variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_``
@@ -47,6 +48,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ssr import SynapticScaling
+from lightning_ssr.core.anchoring import Anchoring
+from lightning_ssr.core.engine import SSREngine
 from lightning_ssr.core.sensing import ActivitySensor
 
 
@@ -146,6 +149,38 @@ def steady_malloc() -> bool:
         (m_mmap_threshold, 64 << 20), (m_trim_threshold, 256 << 20), (m_top_pad, 64 << 20)))
 
 
+def _timed(fn, totals: dict[str, float], label: str):
+    """``fn`` adding its wall time to ``totals[label]`` on every call."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+@contextlib.contextmanager
+def timed_calls(patches: dict[str, tuple[type, str]]) -> Iterator[dict[str, float]]:
+    """Sum the wall time of each patched method (``label: (class, name)``) while the block runs;
+    ``ActivitySensor._make_hook`` times the forward hooks it makes (each call of each hook)."""
+    totals: dict[str, float] = {}
+    saved = [(owner, name, getattr(owner, name)) for owner, name in patches.values()]
+    try:
+        for label, (owner, name) in patches.items():
+            fn = getattr(owner, name)
+            if (owner, name) == (ActivitySensor, "_make_hook"):
+                setattr(owner, name, functools.wraps(fn)(
+                    lambda *a, _fn=fn, _label=label, **k: _timed(_fn(*a, **k), totals, _label)))
+            else:
+                setattr(owner, name, _timed(fn, totals, label))
+        yield totals
+    finally:
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+
+
 @contextlib.contextmanager
 def attributed_time() -> Iterator[list[float]]:
     """Sum the wall time spent inside SSR's own code (callback hooks, engine steps, forward hooks).
@@ -155,37 +190,65 @@ def attributed_time() -> Iterator[list[float]]:
     so ``1 + inside / (fit - inside)`` estimates the overhead with far less noise (it misses only
     indirect costs such as cache effects).
     """
+    names = ("setup", "on_train_start", "on_train_batch_start", "on_before_optimizer_step", "_after_optimizer_step",
+             "on_train_batch_end", "on_fit_end", "teardown", "state_dict")
     total = [0.0]
+    with timed_calls({**{n: (SynapticScaling, n) for n in names}, "hooks": (ActivitySensor, "_make_hook")}) as spent:
+        try:
+            yield total
+        finally:
+            total[0] = sum(spent.values())
 
-    def timed(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                total[0] += time.perf_counter() - start
-        return wrapper
 
-    def timed_hooks(make_hook):
-        @functools.wraps(make_hook)
-        def wrapper(*args, **kwargs):
-            return timed(make_hook(*args, **kwargs))
-        return wrapper
+#: The parts of SSR's time per step that ``--parts`` prints: label -> (class, method). Nested: the
+#: callback's hooks hold the engine's steps, which hold the pull, the projection and the update.
+PARTS: dict[str, tuple[type, str]] = {
+    "before the step": (SynapticScaling, "on_before_optimizer_step"),
+    "after the step": (SynapticScaling, "_after_optimizer_step"),
+    "  anchoring pull": (Anchoring, "pull"),
+    "  input-subspace projection": (SSREngine, "_project"),
+    "  activity update and scaling": (SSREngine, "_update"),
+    "sensing forward hooks": (ActivitySensor, "_make_hook"),
+}
+#: The input sketch's line of ``--parts`` (inside the sensing hooks; the engine holds its bound method).
+SKETCH = "  input sketch"
 
-    patches = [(SynapticScaling, name) for name in ("setup", "on_train_start", "on_train_batch_start",
-                                                     "on_before_optimizer_step", "_after_optimizer_step",
-                                                     "on_train_batch_end", "on_fit_end", "teardown", "state_dict")]
-    saved = [(owner, name, getattr(owner, name)) for owner, name in patches]
-    saved.append((ActivitySensor, "_make_hook", ActivitySensor._make_hook))
-    try:
-        for owner, name, fn in saved[:-1]:
-            setattr(owner, name, timed(fn))
-        ActivitySensor._make_hook = timed_hooks(ActivitySensor._make_hook)
-        yield total
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
+
+def part_times(make, steps: int, batch: int, accelerator: str, ssr: dict) -> tuple[float, float, dict[str, float]]:
+    """Milliseconds per step of a plain fit and of a protected fit (task 2, as in :func:`measure`),
+    and of each part of :data:`PARTS` in that fit (one run each after a warm-up: a profile, not a ratio)."""
+    x, y = _data(steps, batch)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+    model, cb = Classifier(make()), SynapticScaling(**ssr)
+    _fit(model, loader, steps, [cb], accelerator)  # task 1, consolidated at the fit's end
+    plain = copy.deepcopy(model)
+    _fit(copy.deepcopy(plain), loader, 10, [], accelerator)  # warm-up
+    base = _fit(copy.deepcopy(plain), loader, steps, [], accelerator).wall
+    sensor = cb.engine.sensor
+    observe = sensor.observe_input
+    with timed_calls(PARTS) as spent:
+        if observe is not None:
+            sensor.observe_input = _timed(observe, spent, SKETCH)
+        try:
+            wall = _fit(model, loader, steps, [cb], accelerator).wall
+        finally:
+            sensor.observe_input = observe
+    return 1e3 * base / steps, 1e3 * wall / steps, {label: 1e3 * spent.get(label, 0.0) / steps for label in [*PARTS, SKETCH]}
+
+
+def ssr_settings(protection: str | None, subspace_energy: float | None, protect_every: int | None) -> dict:
+    """The callback's keyword arguments: the library's defaults but for the options given."""
+    ssr = {} if protection is None else {"protection": protection}
+    if subspace_energy is not None:
+        ssr["subspace_energy"] = subspace_energy
+    if protect_every is not None:
+        ssr["protect_every"] = protect_every
+    return ssr
+
+
+def _data(steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(steps * batch, 1, 28, 28, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
 
 
 class Result(NamedTuple):
@@ -207,15 +270,9 @@ def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
     without the callback (a trained model's fit is itself slower than a fresh one's, which is not
     SSR's cost). The order inside a pair alternates between repeats.
     """
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(steps * batch, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (steps * batch,), generator=g)
+    x, y = _data(steps, batch)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch)
-    ssr = {} if protection is None else {"protection": protection}  # the library's defaults otherwise
-    if subspace_energy is not None:
-        ssr["subspace_energy"] = subspace_energy
-    if protect_every is not None:
-        ssr["protect_every"] = protect_every
+    ssr = ssr_settings(protection, subspace_energy, protect_every)
     protected = Classifier(make())
     task2 = SynapticScaling(**ssr)
     _fit(protected, loader, 10, [task2], accelerator)  # task 1 consolidated: protection is on from now
@@ -256,6 +313,8 @@ def main() -> None:
                              "anchoring; 0 switches it off)")
     parser.add_argument("--protect-every", type=int, default=None,
                         help="SSR's protect_every (the pull and the projection every k-th step; default: the library's)")
+    parser.add_argument("--parts", action="store_true",
+                        help="instead of the ratios, where SSR's time goes: ms per step of each part in one protected fit")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved pairs per setting (median taken)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated from mlp, cnn")
@@ -277,6 +336,9 @@ def main() -> None:
         allocator = "glibc thresholds raised" if steady_malloc() else "not glibc: thresholds left as they are"
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banners between the rows
     device = torch.cuda.get_device_name() if args.accelerator in ("gpu", "cuda") else f"CPU, {torch.get_num_threads()} threads"
+    if args.parts:
+        print_parts(chosen, models, args)
+        return
     print(f"callback overhead: {args.steps} steps, {args.repeats} interleaved pairs per setting, batch "
           f"{args.batch_size}, {device}, protection {args.protection or 'default'}, subspace_energy "
           f"{'default' if args.subspace_energy is None else format(args.subspace_energy, 'g')}, protect_every "
@@ -299,6 +361,21 @@ def main() -> None:
             met = res.floor <= target and res.inside <= target
             print(f"{name:<10} {setting:<7} {cells[0]:>24} {cells[1]:>24} {res.floor:>6.3f} {res.inside:>7.3f}  "
                   f"{'met' if met else 'NOT met'} (floor and in-SSR <= {target})")
+
+
+def print_parts(chosen: list[str], models: dict, args: argparse.Namespace) -> None:
+    """``--parts``: per model, a plain and a protected fit's ms per step and each part's (:data:`PARTS`)."""
+    ssr = ssr_settings(args.protection, args.subspace_energy, args.protect_every)
+    print(f"where SSR's time goes (task 2, protection on): {args.steps} steps, batch {args.batch_size}, "
+          f"{args.accelerator}, {torch.get_num_threads()} threads, SSR {ssr or 'defaults'}; ms per step, one fit each")
+    for key in chosen:
+        name, make = models[key]
+        plain, protected, parts = part_times(make, args.steps, args.batch_size, args.accelerator, ssr)
+        total = parts["before the step"] + parts["after the step"] + parts["sensing forward hooks"]
+        print(f"{name}: plain {plain:.3f}, with SSR {protected:.3f} ({protected / plain:.3f}x); inside SSR "
+              f"{total:.3f} ({1 + total / (protected - total):.3f}x)")
+        for label, ms in parts.items():
+            print(f"  {label:<34} {ms:7.3f}")
 
 
 if __name__ == "__main__":

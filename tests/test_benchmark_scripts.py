@@ -21,6 +21,22 @@ def test_callback_overhead_prints_pair_ratios_the_floor_and_the_time_inside_ssr(
         assert re.search(r"(NOT )?met \(floor and in-SSR <= 1\.0[25]\)", row), row
 
 
+def test_callback_overhead_parts_prints_where_the_time_goes() -> None:
+    out = run_script("benchmarks/callback_overhead.py", "--parts", "--steps", "6", "--models", "mlp", "--threads", "1")
+    head = next(line for line in out.splitlines() if line.startswith("MLP 2x400"))
+    plain, protected, inside = (float(x) for x in re.search(
+        r"plain (\d+\.\d+), with SSR (\d+\.\d+) .*inside SSR (\d+\.\d+)", head).groups())
+    assert 0 < inside < protected and plain > 0, head
+    parts = dict(re.findall(r"^ {2,}(\S.*?\S) +(\d+\.\d{3})$", out, flags=re.M))
+    assert list(parts) == ["before the step", "after the step", "anchoring pull", "input-subspace projection",
+                           "activity update and scaling", "sensing forward hooks", "input sketch"], out
+    ms = {k: float(v) for k, v in parts.items()}
+    # protection is on (task 2) and the default protect_every=2 pulls and projects on 3 of the 6 steps
+    assert ms["anchoring pull"] > 0 and ms["input-subspace projection"] > 0 and ms["input sketch"] > 0, out
+    assert ms["anchoring pull"] + ms["input-subspace projection"] <= ms["after the step"], out
+    assert ms["input sketch"] <= ms["sensing forward hooks"], out
+
+
 def test_cli_startup_times_help_and_argument_errors() -> None:
     out = run_script("benchmarks/cli_startup.py", "--repeats", "1")
     assert "bench --help" in out and "bench --methods nope" in out and "(scale) import torch" in out
