@@ -1,8 +1,8 @@
 """Training time with the SynapticScaling callback over training time without it.
 
 Same model, data and Trainer settings; runs with and without the callback are interleaved in one
-process so that machine noise hits both alike. Two SSR settings: ``task 1`` (sensing + homeostatic
-scaling, nothing protected yet) and ``task 2`` (the same, plus protection of the neurons
+process so that machine noise hits both alike. Two SSR settings: ``task 1`` (sensing and the
+activity updates, nothing protected yet) and ``task 2`` (the same, plus protection of the neurons
 consolidated after task 1 on the same LightningModule: the most expensive path). Each ratio is one
 interleaved pair (with SSR, without; the order alternates); the median over pairs is printed with
 its range, for wall time and for this process's CPU time. Then two steadier measures, both
@@ -264,7 +264,7 @@ def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
             protect_every: int | None = None) -> dict[str, Result]:
     """Per setting, the ratios of :class:`Result`.
 
-    ``task 1``: a fresh callback (sensing, scaling, nothing protected yet) against a fresh model
+    ``task 1``: a fresh callback (sensing and activity updates, nothing protected yet) against a fresh model
     without it; ``task 2``: a callback that consolidated a first task on the same LightningModule,
     so protection (anchoring by default) runs from the first step, against a copy of that model
     without the callback (a trained model's fit is itself slower than a fresh one's, which is not

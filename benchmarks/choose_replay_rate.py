@@ -14,6 +14,7 @@ Usage::
     python benchmarks/choose_replay_rate.py --rates 0.02 --output-targets both   # output_targets beside replay
     python benchmarks/choose_replay_rate.py --rates 0.02 --recycle-below 0 0.1  # recycling beside replay
     python benchmarks/choose_replay_rate.py --rates 0.02 --protect-every 1 2     # the pull every step or every 2nd
+    python benchmarks/choose_replay_rate.py --rates 0.02 --scaling-rate 0 0.1    # homeostatic scaling beside replay
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                              "library's default 0.1")
     parser.add_argument("--protect-every", type=int, nargs="+", default=[None],
                         help="SSR's protect_every beside replay, a row each (default: the library's)")
+    parser.add_argument("--scaling-rate", type=float, nargs="+", default=[None],
+                        help="SSR's scaling_rate beside replay, a row each (default: the library's)")
     args = parser.parse_args(argv)
     quiet_warnings()
     bench = make_benchmark(args.dataset, "split", args.scenario, 5, seed=0)
@@ -54,12 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = {"replay": (METHODS["replay"], {"mem_size": args.mem_size})}
     targets = {"off": [False], "on": [True], "both": [False, True]}[args.output_targets]
     ssr_replay = METHODS["ssr-replay"]
-    for rate, on, recycle, every in itertools.product(args.rates, targets, args.recycle_below, args.protect_every):
+    for rate, on, recycle, every, scaling in itertools.product(args.rates, targets, args.recycle_below,
+                                                               args.protect_every, args.scaling_rate):
         name = (f"ssr-replay a={rate}" + (" targets" if on else "") + (f" recycle={recycle:g}" if recycle else "")
-                + (f" every={every}" if every is not None else ""))
+                + (f" every={every}" if every is not None else "") + (f" scaling={scaling:g}" if scaling is not None else ""))
         rows[name] = (ssr_replay, {**ssr_replay.candidates(1)[0], "mem_size": args.mem_size, "anchor_rate": rate,
                                    "output_targets": on, "recycle_below": recycle,
-                                   **({"protect_every": every} if every is not None else {})})
+                                   **({"protect_every": every} if every is not None else {}),
+                                   **({"scaling_rate": scaling} if scaling is not None else {})})
     print(f"{args.dataset} split, {args.scenario}-incremental, validation splits, buffer {args.mem_size}, "
           f"{args.seeds} seeds: average accuracy % (plasticity %)")
     for name, (method, hp) in rows.items():

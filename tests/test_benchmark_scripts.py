@@ -50,9 +50,10 @@ def test_norm_layer_timing_only() -> None:
 
 def test_choose_replay_rate_scores_replay_and_each_rate_on_validation() -> None:
     out = run_script("benchmarks/choose_replay_rate.py", "--seeds", "1", "--rates", "0.02", "--mem-size", "50",
-                     "--recycle-below", "0", "0.1", "--protect-every", "1", "2")
+                     "--recycle-below", "0", "0.1", "--protect-every", "1", "2", "--scaling-rate", "0.1")
     assert "validation splits" in out
-    for row in ("replay", "ssr-replay a=0.02 every=1", "ssr-replay a=0.02 every=2", "ssr-replay a=0.02 recycle=0.1 every=2"):
+    for row in ("replay", "ssr-replay a=0.02 every=1 scaling=0.1", "ssr-replay a=0.02 every=2 scaling=0.1",
+                "ssr-replay a=0.02 recycle=0.1 every=2 scaling=0.1"):
         assert re.search(rf"^{re.escape(row)}\s+[\d.]+ ±", out, re.M), out
 
 

@@ -98,6 +98,25 @@ def test_callback_moves_activity_toward_set_point(make, shape) -> None:
     assert cb.engine.step == 3 * 8
 
 
+@pytest.mark.parametrize("scaling_rate", [None, 0.1])
+def test_the_first_task_trains_as_without_the_callback_unless_scaling_is_switched_on(scaling_rate) -> None:
+    """With the defaults (homeostatic scaling off) nothing is protected on the first task, so the callback
+    only senses: the weights end bitwise as a plain fit's. ``scaling_rate=0.1`` moves them."""
+    def fit(callbacks: list) -> nn.Module:
+        torch.manual_seed(0)
+        model = Classifier(tiny_mlp())
+        _trainer(callbacks, max_epochs=3).fit(model, _loader())
+        return model.net
+
+    plain = fit([])
+    kwargs = {} if scaling_rate is None else {"scaling_rate": scaling_rate}
+    cb = SynapticScaling(consolidate_on_fit_end=False, update_every=2, warmup_steps=2, **kwargs)
+    with_ssr = fit([cb])
+    assert cb.engine.step == 24 and cb.engine.layers["net.0"].seen > 0  # it sensed and updated
+    same = [torch.equal(a, b) for a, b in zip(with_ssr.parameters(), plain.parameters())]
+    assert all(same) if scaling_rate is None else not all(same)
+
+
 def test_updates_only_when_the_optimizer_stepped() -> None:
     cb = SynapticScaling(scaling_rate=0.1)
     _trainer([cb], accumulate_grad_batches=4).fit(Classifier(tiny_mlp()), _loader(n=128))

@@ -130,9 +130,10 @@ METHODS: dict[str, Method] = {
         _ssr("ssr-every-step", "SSR ablation: the anchoring pull and the input-subspace projection after every "
              "optimizer step, not every second (the earlier default)", protect_every=1),
         _ssr("ssr-no-subspace", "SSR ablation: no input-subspace protection (the earlier default)", subspace_energy=0.0),
-        _ssr("ssr-no-scaling", "SSR ablation: no homeostatic activity scaling", scaling_rate=0.0),
+        _ssr("ssr-scaling", "SSR ablation: with homeostatic activity scaling (scaling_rate=0.1, the earlier default)",
+             scaling_rate=0.1),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
-        _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (scaling only)", consolidation=0.0),
+        _ssr("ssr-no-consolidation", "SSR ablation: no consolidation (nothing protected)", consolidation=0.0),
         _ssr("ssr-sum", "SSR ablation: importance summed over tasks, not saturating", accumulate="sum"),
         _ssr("ssr-layer-mean", "SSR ablation: layer-mean set points (load balancing)", set_point="layer_mean"),
         _ssr("ssr-gradient", "SSR ablation: protection on gradients, not anchoring", protection="gradient"),

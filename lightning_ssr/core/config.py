@@ -53,8 +53,8 @@ class SSRConfig:
         warmup_steps: optimizer steps of each task during which activity is measured but no
             scaling is applied; with ``set_point="self"`` the set points are taken at its end.
             Default: ``10``.
-        scaling_rate: ``eta_scale`` of the scaling rule ``f_i = 1 + eta_scale * (s_i - a_i)``;
-            ``0`` disables activity scaling. Default: ``0.1``.
+        scaling_rate: ``eta_scale`` of the scaling rule ``f_i = 1 + eta_scale * (s_i - a_i)``; ``0``,
+            the default, is off (``0.1`` gained nothing: README, "Homeostatic scaling off by default").
         norm_rate: rate at which each neuron's incoming-weight norm is pulled back to its set
             point (synaptic-total homeostasis); ``0`` disables it. Default: ``0.0``.
         max_change: bound on the fractional change of any weight in one update, in ``(0, 1)``.
@@ -211,7 +211,7 @@ class SSRConfig:
     sense_every: int = 10
     set_point: Union[str, float] = "self"
     warmup_steps: int = 10
-    scaling_rate: float = 0.1
+    scaling_rate: float = 0.0
     norm_rate: float = 0.0
     max_change: float = 0.01
     remeasure_set_points: bool = True

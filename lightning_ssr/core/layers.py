@@ -89,10 +89,10 @@ def _untrackable(model: nn.Module) -> set[int]:
             stacklevel=4)
     if norms:
         warnings.warn(
-            f"{len(norms)} BatchNorm layer(s) ({norms[:3]}{' ...' if len(norms) > 3 else ''}) re-normalize what "
-            "SSR's homeostatic scaling sets in the layers before them, with batch statistics that drift between "
-            "tasks: convert them with lightning_ssr.convert_batchnorm(model) (SSRNorm, a homeostatic drop-in), "
-            "or set scaling_rate=0 to keep only SSR's protection", stacklevel=4)
+            f"{len(norms)} BatchNorm layer(s) ({norms[:3]}{' ...' if len(norms) > 3 else ''}) normalize with batch "
+            "statistics that drift between tasks (and re-normalize what SSR's homeostatic scaling sets, where "
+            "scaling_rate > 0): convert them with lightning_ssr.convert_batchnorm(model) (SSRNorm, a homeostatic "
+            "drop-in)", stacklevel=4)
     if functional:
         warnings.warn(
             f"SSR leaves {list(functional.values())} untracked: nn.MultiheadAttention applies its out_proj through "
