@@ -49,17 +49,20 @@ class SynapticScaling(Callback):
     neuron's activity :math:`\phi(z)` averaged over batch and positions, where :math:`z` is the
     layer's output, so module and functional activations work alike. After every real optimizer
     step (none under gradient accumulation's intermediate batches or when AMP skips a step) the
-    shared :class:`~lightning_ssr.core.engine.SSREngine` updates each neuron's long-run activity
-    and scales its incoming weights toward its set point:
+    shared :class:`~lightning_ssr.core.engine.SSREngine` updates each neuron's long-run activity,
+    and with ``scaling_rate > 0`` (off by default: it measured no gain beside the protection) scales
+    its incoming weights toward its set point:
 
     .. math::
         w_{ij} \leftarrow w_{ij} \cdot \mathrm{clip}\big(1 + \eta_{scale}(s_i - \bar a_i),\ 1 \pm m\big)
 
     At the end of each ``fit`` (one ``fit`` per task, with the same callback) or on
     :meth:`consolidate`, what each neuron carried becomes its importance; while later tasks train,
-    the changes to important neurons' incoming and outgoing weights are divided by
-    ``1 + lambda * importance`` in ``on_before_optimizer_step`` (after DDP's gradient all-reduce and
-    AMP unscaling; a callback cannot change the loss, so ``protection="penalty"`` is refused here).
+    important neurons' incoming and outgoing weights are held near their values at the last task's
+    end (by default pulled back after each step by ``anchor_rate * (1 - 1 / (1 + lambda *
+    importance))``, their drift kept off the old inputs' directions; see :class:`~lightning_ssr.SSRConfig`).
+    Gradients are final in ``on_before_optimizer_step`` (after DDP's all-reduce and AMP unscaling);
+    a callback cannot change the loss, so ``protection="penalty"`` is refused here.
 
     The output layer (the last Linear/Conv registered, with its ModuleDict/ModuleList siblings) is
     not tracked by default: its units are logits, not firing rates, and scaling them changes the
