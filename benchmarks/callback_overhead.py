@@ -181,23 +181,17 @@ def timed_calls(patches: dict[str, tuple[type, str]]) -> Iterator[dict[str, floa
             setattr(owner, name, fn)
 
 
-@contextlib.contextmanager
-def attributed_time() -> Iterator[list[float]]:
-    """Sum the wall time spent inside SSR's own code (callback hooks, engine steps, forward hooks).
-
-    The ratio of two whole fits is noisy on a shared machine (single plain fits of this script
-    spread by about +-10 %); the time inside SSR's code is measured in-process around each call,
-    so ``1 + inside / (fit - inside)`` estimates the overhead with far less noise (it misses only
-    indirect costs such as cache effects).
-    """
-    names = ("setup", "on_train_start", "on_train_batch_start", "on_before_optimizer_step", "_after_optimizer_step",
-             "on_train_batch_end", "on_fit_end", "teardown", "state_dict")
-    total = [0.0]
-    with timed_calls({**{n: (SynapticScaling, n) for n in names}, "hooks": (ActivitySensor, "_make_hook")}) as spent:
-        try:
-            yield total
-        finally:
-            total[0] = sum(spent.values())
+#: Everything of SSR's own code that runs in a fit (callback hooks, engine steps, forward hooks), for the
+#: ``in-SSR`` measure. The ratio of two whole fits is noisy on a shared machine (single plain fits of this
+#: script spread by about +-10 %); the time inside SSR's code is measured in-process around each call, so
+#: ``1 + inside / (fit - inside)`` estimates the overhead with far less noise (it misses only indirect
+#: costs such as cache effects).
+INSIDE_SSR: dict[str, tuple[type, str]] = {
+    **{name: (SynapticScaling, name) for name in (
+        "setup", "on_train_start", "on_train_batch_start", "on_before_optimizer_step", "_after_optimizer_step",
+        "on_train_batch_end", "on_fit_end", "teardown", "state_dict")},
+    "hooks": (ActivitySensor, "_make_hook"),
+}
 
 
 #: The parts of SSR's time per step that ``--parts`` prints: label -> (class, method). Nested: the
@@ -292,13 +286,14 @@ def measure(make, steps: int, repeats: int, batch: int, accelerator: str,
                 fits[key][name].append(runs[name]())
     results = {}
     for key, runs in fits.items():
-        with attributed_time() as spent:
+        with timed_calls(INSIDE_SSR) as spent:
             cb = task2 if key == "task 2" else SynapticScaling(**ssr)
             wall = _fit(protected if key == "task 2" else Classifier(make()), loader, steps, [cb], accelerator).wall
+        inside = sum(spent.values())
         results[key] = Result(
             pairs=[(s.wall / n.wall, s.cpu / n.cpu) for s, n in zip(runs["ssr"], runs["none"])],
             floor=floor_time(runs["ssr"]) / floor_time(runs["none"]),
-            inside=1.0 + spent[0] / (wall - spent[0]),
+            inside=1.0 + inside / (wall - inside),
         )
     return results
 
