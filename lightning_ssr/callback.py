@@ -59,8 +59,9 @@ class SynapticScaling(Callback):
     At the end of each ``fit`` (one ``fit`` per task, with the same callback) or on
     :meth:`consolidate`, what each neuron carried becomes its importance; while later tasks train,
     important neurons' incoming and outgoing weights are held near their values at the last task's
-    end (by default pulled back after each step by ``anchor_rate * (1 - 1 / (1 + lambda *
-    importance))``, their drift kept off the old inputs' directions; see :class:`~lightning_ssr.SSRConfig`).
+    end (by default pulled back by ``anchor_rate * (1 - 1 / (1 + lambda * importance))`` a step,
+    applied every ``protect_every`` steps, their drift kept off the old inputs' directions; see
+    :class:`~lightning_ssr.SSRConfig`).
     Gradients are final in ``on_before_optimizer_step`` (after DDP's all-reduce and AMP unscaling);
     a callback cannot change the loss, so ``protection="penalty"`` is refused here.
 
