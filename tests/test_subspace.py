@@ -88,6 +88,18 @@ def test_the_nystrom_sketch_finds_the_leading_directions_outside_the_basis() -> 
     assert_close((vectors[:, :2].T @ q[:, 3:5]).abs(), torch.eye(2, dtype=torch.float64), atol=1e-3, rtol=0)
 
 
+def test_omega_is_drawn_once_per_shape_and_a_caller_cannot_change_the_next_one() -> None:
+    basis = torch.linalg.qr(torch.randn(50, 4, dtype=torch.float64)).Q
+    for b in (None, basis):
+        first = sketch_matrix(50, 16, b)
+        expected = first.clone()
+        first.zero_()  # a caller writing into what it got
+        again = sketch_matrix(50, 16, b)
+        assert torch.equal(again, expected)
+    draw = torch.randn(50, 16, generator=torch.Generator().manual_seed(50), dtype=torch.float64)
+    assert torch.equal(sketch_matrix(50, 16, None), torch.linalg.qr(draw).Q)  # the seeded draw, as before the cache
+
+
 def test_the_state_grows_with_the_inputs_not_their_square() -> None:
     lin = nn.Linear(1000, 10)
     st, sub = LayerState("0", lin), InputSubspace(energy=0.6, rows=32, sketch=64)

@@ -28,6 +28,7 @@ reported by :meth:`InputSubspace.check` and left out.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
@@ -83,12 +84,25 @@ def sketch_matrix(size: int, width: int, basis: Optional[Tensor]) -> Tensor:
     """
     room = size - (0 if basis is None else basis.shape[1])
     width = max(0, min(width, room))
-    draw = torch.randn(size, width, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
-    if basis is not None and basis.shape[1]:
-        b = basis.double().cpu()
-        draw = draw - b @ (b.T @ draw)
-        draw = draw - b @ (b.T @ draw)  # twice: orthogonal to rounding
+    if basis is None or not basis.shape[1]:
+        return _orthonormal_draw(size, width).clone()
+    draw, b = _draw(size, width), basis.double().cpu()
+    draw = draw - b @ (b.T @ draw)
+    draw = draw - b @ (b.T @ draw)  # twice: orthogonal to rounding
     return torch.linalg.qr(draw).Q
+
+
+@functools.lru_cache(maxsize=64)
+def _draw(size: int, width: int) -> Tensor:
+    """The fixed Gaussian draw behind :func:`sketch_matrix` (seeded by ``size``), made once per shape:
+    drawing it costs more than the rest of a task's ``Omega`` (never written to)."""
+    return torch.randn(size, width, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _orthonormal_draw(size: int, width: int) -> Tensor:
+    """:func:`_draw` made orthonormal: a first task's ``Omega`` (no basis yet), made once per shape."""
+    return torch.linalg.qr(_draw(size, width)).Q
 
 
 def nystrom_eigenpairs(sketch: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
