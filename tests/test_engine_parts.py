@@ -60,6 +60,18 @@ def test_sensor_reduce_fn_sees_one_flat_tensor_for_all_layers() -> None:
     assert calls == [torch.Size([11])] and bool((means == 0).all())
 
 
+def test_sensor_averages_the_callers_sums_in_the_same_collective() -> None:
+    net = _mlp()
+    sensor = ActivitySensor({"0": LayerState("0", net[0])}, {}, torch.relu)
+    sensor.attach()
+    net(torch.randn(3, 4))
+    calls, extra = [], torch.tensor([2.0, 4.0])
+    _, means = sensor.flush(lambda t: calls.append(t.shape) or t / 2, extra)
+    assert calls == [torch.Size([6 + 2])] and means.shape == (6,)  # one collective: the 6 neurons and the 2 sums
+    assert extra.tolist() == [1.0, 2.0]  # written back, averaged
+    assert sensor.flush(lambda t: t / 2, extra) is None and extra.tolist() == [1.0, 2.0]  # nothing sensed: left
+
+
 def test_sensor_keeps_live_activity_only_when_asked() -> None:
     net = _mlp()
     st = LayerState("0", net[0])

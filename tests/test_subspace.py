@@ -228,6 +228,77 @@ def test_every_kth_step_projects_and_every_task_ends_projected() -> None:
     engine.detach()
 
 
+@pytest.mark.parametrize("power", [2.0, 1.0, 0.0])
+def test_the_pull_follows_how_far_a_tasks_inputs_fall_where_old_ones_did(power: float) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    cfg = SSRConfig(subspace_energy=0.5, overlap_power=power, min_plasticity=0.0, recycle_below=0.0,
+                    sense_every=1, update_every=1, warmup_steps=0)
+    engine = SSREngine(net, cfg)
+    engine.attach()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    eye = torch.eye(8)
+
+    def train(span: torch.Tensor, seed: int, steps: int = 10) -> None:
+        for i in range(steps):
+            x = _rows_in(span, 32, seed * 100 + i).abs()
+            y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            engine.before_step()
+            opt.step()
+            engine.after_step(opt)
+
+    train(eye[:, :4], 1)
+    engine.consolidate()
+    assert engine.overlap == {}
+    train(eye[:, 4:], 2, steps=4)  # inputs where no old one was: (almost) no pull on the first layer
+    if power:
+        assert 0.0 <= engine.overlap["0"] < 0.05, engine.overlap
+        names, energies = engine.subspace.task_energies()  # as summed at the last update (the last step)
+        for name, (total, inside) in zip(names, energies.view(-1, 2).tolist()):
+            assert engine.overlap[name] == round(min(1.0, inside / total / 0.5) ** power, 2)
+        assert engine.anchoring._scales[id(net[0].weight)] == engine.overlap["0"]
+    else:
+        assert engine.overlap == {} and engine.anchoring._scales == {}
+    overlap = dict(engine.overlap)
+    again = SSREngine(net, cfg)
+    again.load_state_dict(engine.state_dict())  # saved and restored with the rest
+    assert again.overlap == overlap and again.anchoring._scales == engine.anchoring._scales
+    engine.consolidate()
+    assert engine.overlap == {} and engine.anchoring._scales == {}  # a new task starts with the full pull
+    train(eye[:, :4], 3, steps=2)  # the first task's inputs again: the full pull
+    assert engine.overlap.get("0", 1.0) == 1.0
+    engine.detach()
+
+
+def test_a_task_whose_inputs_miss_the_old_ones_drifts_further_from_the_anchors() -> None:
+    def drift(power: float) -> float:
+        """The first layer's distance from its anchor after task 2, whose inputs miss task 1's."""
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        cfg = SSRConfig(subspace_energy=0.5, overlap_power=power, anchor_rate=0.5, min_plasticity=0.0,
+                        recycle_below=0.0, sense_every=1, update_every=1, warmup_steps=0, protect_every=1)
+        engine = SSREngine(net, cfg)
+        engine.attach()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for task, cols in enumerate((slice(0, 4), slice(4, 8))):
+            for i in range(6):
+                x = torch.zeros(32, 8)
+                x[:, cols] = torch.rand(32, 4, generator=torch.Generator().manual_seed(task * 100 + i))
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(x), torch.arange(32) % 3).backward()
+                engine.before_step()
+                opt.step()
+                engine.after_step(opt)
+            if task == 0:
+                engine.consolidate()
+        engine.detach()
+        return float((net[0].weight.detach() - engine.anchoring.anchor_of(net[0].weight)).norm())
+
+    assert drift(2.0) > 1.5 * drift(0.0)  # the pull was lifted where the new inputs lie
+
+
 @pytest.mark.parametrize("unused_outputs", [False, True])
 def test_output_units_no_task_used_stay_free_unless_asked(unused_outputs: bool) -> None:
     torch.manual_seed(0)
@@ -278,6 +349,12 @@ def test_configuration_errors_name_the_argument() -> None:
         SSRConfig(subspace_unused_outputs=True, protection="update")
     with pytest.raises(ValueError, match=r"`protect_every` must be >= 1, got 0"):
         SSRConfig(protect_every=0)
+    with pytest.raises(ValueError, match=r"`overlap_power=2` measures a task's inputs against input-subspace "
+                                         r"protection's bases, which is off here \(subspace_energy=0.0"):
+        SSRConfig(overlap_power=2, subspace_energy=0.0)
+    with pytest.raises(ValueError, match=r"`overlap_power` must be in \[0.0, inf\], got -1"):
+        SSRConfig(overlap_power=-1)
+    assert SSRConfig(overlap_power=0, protection="update").overlap_exponent == 0.0
     with pytest.raises(TypeError, match=r"`subspace_unused_outputs` must be a bool, got 'yes'"):
         SSRConfig(subspace_energy=0.5, subspace_unused_outputs="yes")
 

@@ -77,6 +77,7 @@ class Anchoring:
         self.rate = float(rate)
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         self._anchors: dict[int, Tensor] = {}
+        self._scales: dict[int, float] = {}  # per parameter id, a factor on its pull (1 where absent)
         #: What :meth:`pull` was derived from (the steps and the learning-rate factors), and per cached
         #: parameter its storage and gate and its view, its anchor's view and its pull weights.
         self._plan: Optional[tuple[tuple[int, tuple[float, ...]], list[Any], list[Any]]] = None
@@ -92,9 +93,18 @@ class Anchoring:
         self._anchors = {id(p): p.detach().clone(memory_format=torch.contiguous_format) for p in params}
         self._plan = None
 
+    def set_scales(self, scales: Mapping[int, float]) -> None:
+        """Scale the pull of each parameter (by ``id``) by a factor in ``[0, 1]`` (``1`` for those not
+        named), e.g. by its layer's input overlap (``overlap_power``); the pull is derived again only
+        when the factors change."""
+        scales = {i: float(v) for i, v in scales.items() if float(v) != 1.0}
+        if scales != self._scales:
+            self._scales, self._plan = scales, None
+
     def pull(self, cache: Iterable[CacheEntry], optimizer: Optional[torch.optim.Optimizer] = None,
              steps: int = 1) -> None:
-        """After an optimizer step: ``p <- p + rate * factor * (1 - gate) * (anchor - p)``, in place.
+        """After an optimizer step: ``p <- p + rate * factor * scale * (1 - gate) * (anchor - p)``, in place
+        (``scale`` from :meth:`set_scales`).
 
         Args:
             cache: the gated parameters with their gates.
@@ -141,7 +151,7 @@ class Anchoring:
             group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
             lr = self.reference_lr if group is None else float(group["lr"])
             factor = lr_factor(lr, self.reference_lr)  # the factor the plan's settings hold for p's group
-        w = (self.rate * factor) * (1.0 - gate)
+        w = (self.rate * factor * self._scales.get(id(p), 1.0)) * (1.0 - gate)
         return as_view(p, shape), as_view(anchor, shape), w if steps == 1 else 1.0 - (1.0 - w) ** steps
 
     def check(self, optimizer: Optional[torch.optim.Optimizer]) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from lightning_ssr.core.validation import check_bool, check_choice, check_int, check_number
 
-__all__ = ["ActivityFn", "DEFAULT_SUBSPACE_ENERGY", "SSRConfig"]
+__all__ = ["ActivityFn", "DEFAULT_OVERLAP_POWER", "DEFAULT_SUBSPACE_ENERGY", "SSRConfig"]
 
 ActivityFn = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -21,6 +21,8 @@ _IMPORTANCES = ("activity", "activity_grad")
 _PROTECTIONS = ("gradient", "update", "penalty", "anchor")
 #: The input-subspace energy of ``SSRConfig(subspace_energy=None)`` with anchoring (see ``subspace_energy``).
 DEFAULT_SUBSPACE_ENERGY = 0.6
+#: The ``overlap_power`` of ``SSRConfig(overlap_power=None)`` with input-subspace protection on.
+DEFAULT_OVERLAP_POWER = 3.0
 
 
 @dataclass
@@ -150,6 +152,15 @@ class SSRConfig:
             against 72.6 / 64.5, Split MNIST task 99.1 against 97.3), plasticity within 2 points of
             plain training's everywhere; 0.8 held more on domain streams but cost plasticity
             (digits domain 94.0 against plain training's 98.4).
+        overlap_power: with input-subspace protection, each layer's pull during a task is scaled by
+            ``rho ** overlap_power``, ``rho`` the share of the task's input energy (sensed so far) that
+            falls inside the layer's basis over the share the basis holds of past inputs
+            (``subspace_energy``), at most 1: where a task's inputs miss the old ones (Permuted streams)
+            its updates barely touch the old outputs, so the pull lifts and the task is learned as
+            without SSR; where they overlap (Split streams) the pull stays. Each task starts at the
+            full pull until its first update. ``0`` switches it off; ``None`` (the default): 3 with
+            input-subspace protection on, else 0. Chosen on validation splits (see the README,
+            "A pull that follows the input overlap").
         subspace_unused_outputs: with ``subspace_energy``, also project the drift of the output
             units that no finished task used (importance 0: the classes not seen yet). ``False``
             leaves them free, so new classes are learned as without it; ``True`` keeps them from
@@ -227,6 +238,7 @@ class SSRConfig:
     protect_every: int = 2
     subspace_energy: Optional[float] = None
     subspace_unused_outputs: bool = False
+    overlap_power: Optional[float] = None
     gate_outgoing: bool = True
     protect_output: bool = True
     output_targets: bool = True
@@ -235,44 +247,7 @@ class SSRConfig:
     eps: float = field(default=1e-8)
 
     def __post_init__(self) -> None:
-        if not callable(self.activity):
-            check_choice("activity", self.activity, _ACTIVITIES)
-        check_number("tau", self.tau, 1.0)
-        self.tau = float(self.tau)
-        check_int("update_every", self.update_every, 1)
-        check_int("sense_every", self.sense_every, 1)
-        if isinstance(self.set_point, str):
-            check_choice("set_point", self.set_point, _SET_POINTS)
-        else:
-            check_number("set_point", self.set_point, 0.0)
-        check_int("warmup_steps", self.warmup_steps, 0)
-        check_number("scaling_rate", self.scaling_rate, 0.0, 10.0)
-        check_number("norm_rate", self.norm_rate, 0.0, 1.0)
-        check_number("max_change", self.max_change, 0.0, 1.0, low_open=True, high_open=True)
-        check_number("consolidation", self.consolidation, 0.0)
-        check_number("min_plasticity", self.min_plasticity, 0.0, 1.0, high_open=True)
-        check_number("recycle_below", self.recycle_below, 0.0)
-        check_choice("importance", self.importance, _IMPORTANCES)
-        check_choice("accumulate", self.accumulate, ("sum", "max"))
-        check_choice("protection", self.protection, _PROTECTIONS)
-        check_number("anchor_rate", self.anchor_rate, 0.0, 1.0, low_open=True)
-        if self.anchor_lr is not None:
-            check_number("anchor_lr", self.anchor_lr, 0.0, low_open=True)
-        check_int("protect_every", self.protect_every, 1)
-        if self.subspace_energy is not None:
-            check_number("subspace_energy", self.subspace_energy, 0.0, 1.0, high_open=True)
-            if self.subspace_energy > 0 and self.protection != "anchor":
-                raise ValueError(f"`subspace_energy={self.subspace_energy:g}` projects the drift from the anchors, so it "
-                                 f"needs protection=\"anchor\", got protection={self.protection!r}")
-        check_number("eps", self.eps, 0.0, 1.0, low_open=True)
-        for flag in ("subspace_unused_outputs", "remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias",
-                     "output_targets", "recycle_shared_head", "scale_partial_batches"):
-            check_bool(flag, getattr(self, flag))
-        if self.subspace_unused_outputs and self.subspace_share == 0:
-            raise ValueError("`subspace_unused_outputs=True` widens input-subspace protection, which is off here "
-                             f"(subspace_energy={self.subspace_energy}, protection={self.protection!r}, "
-                             f"consolidation={self.consolidation:g}): set subspace_energy in (0, 1) with "
-                             "protection=\"anchor\" and consolidation > 0")
+        _validate(self)
 
     @property
     def subspace_share(self) -> float:
@@ -289,6 +264,19 @@ class SSRConfig:
         if self.subspace_energy is not None:
             return float(self.subspace_energy) if self.consolidation > 0 else 0.0
         return DEFAULT_SUBSPACE_ENERGY if self.protection == "anchor" and self.consolidation > 0 else 0.0
+
+    @property
+    def overlap_exponent(self) -> float:
+        """The ``overlap_power`` in effect: where it is ``None``, :data:`DEFAULT_OVERLAP_POWER` with
+        input-subspace protection on, else ``0`` (the pull is not scaled).
+
+        Example:
+            >>> SSRConfig().overlap_exponent, SSRConfig(subspace_energy=0.0).overlap_exponent
+            (3.0, 0.0)
+        """
+        if self.overlap_power is not None:
+            return float(self.overlap_power)
+        return DEFAULT_OVERLAP_POWER if self.subspace_share > 0 else 0.0
 
     @classmethod
     def from_kwargs(cls, config: SSRConfig | None = None, **kwargs: Any) -> SSRConfig:
@@ -324,6 +312,56 @@ class SSRConfig:
     def replace(self, **changes: Any) -> SSRConfig:
         """A copy with some fields changed (validated again)."""
         return SSRConfig.from_kwargs(self, **changes)
+
+
+def _validate(cfg: SSRConfig) -> None:
+    """Refuse a bad value, naming the argument, what is allowed and what was given."""
+    if not callable(cfg.activity):
+        check_choice("activity", cfg.activity, _ACTIVITIES)
+    check_number("tau", cfg.tau, 1.0)
+    cfg.tau = float(cfg.tau)
+    check_int("update_every", cfg.update_every, 1)
+    check_int("sense_every", cfg.sense_every, 1)
+    if isinstance(cfg.set_point, str):
+        check_choice("set_point", cfg.set_point, _SET_POINTS)
+    else:
+        check_number("set_point", cfg.set_point, 0.0)
+    check_int("warmup_steps", cfg.warmup_steps, 0)
+    check_number("scaling_rate", cfg.scaling_rate, 0.0, 10.0)
+    check_number("norm_rate", cfg.norm_rate, 0.0, 1.0)
+    check_number("max_change", cfg.max_change, 0.0, 1.0, low_open=True, high_open=True)
+    check_number("consolidation", cfg.consolidation, 0.0)
+    check_number("min_plasticity", cfg.min_plasticity, 0.0, 1.0, high_open=True)
+    check_number("recycle_below", cfg.recycle_below, 0.0)
+    check_choice("importance", cfg.importance, _IMPORTANCES)
+    check_choice("accumulate", cfg.accumulate, ("sum", "max"))
+    check_choice("protection", cfg.protection, _PROTECTIONS)
+    check_number("anchor_rate", cfg.anchor_rate, 0.0, 1.0, low_open=True)
+    if cfg.anchor_lr is not None:
+        check_number("anchor_lr", cfg.anchor_lr, 0.0, low_open=True)
+    check_int("protect_every", cfg.protect_every, 1)
+    if cfg.subspace_energy is not None:
+        check_number("subspace_energy", cfg.subspace_energy, 0.0, 1.0, high_open=True)
+        if cfg.subspace_energy > 0 and cfg.protection != "anchor":
+            raise ValueError(f"`subspace_energy={cfg.subspace_energy:g}` projects the drift from the anchors, so it "
+                             f"needs protection=\"anchor\", got protection={cfg.protection!r}")
+    check_number("eps", cfg.eps, 0.0, 1.0, low_open=True)
+    for flag in ("subspace_unused_outputs", "remeasure_set_points", "gate_outgoing", "protect_output", "scale_bias",
+                 "output_targets", "recycle_shared_head", "scale_partial_batches"):
+        check_bool(flag, getattr(cfg, flag))
+    if cfg.overlap_power is not None:
+        check_number("overlap_power", cfg.overlap_power, 0.0)
+        if cfg.overlap_power > 0 and cfg.subspace_share == 0:
+            raise ValueError(f"`overlap_power={cfg.overlap_power:g}` measures a task's inputs against input-subspace "
+                             f"protection's bases, which is off here (subspace_energy={cfg.subspace_energy}, "
+                             f"protection={cfg.protection!r}, consolidation={cfg.consolidation:g}): set "
+                             "subspace_energy in (0, 1) with protection=\"anchor\" and consolidation > 0, or "
+                             "overlap_power=0")
+    if cfg.subspace_unused_outputs and cfg.subspace_share == 0:
+        raise ValueError("`subspace_unused_outputs=True` widens input-subspace protection, which is off here "
+                         f"(subspace_energy={cfg.subspace_energy}, protection={cfg.protection!r}, "
+                         f"consolidation={cfg.consolidation:g}): set subspace_energy in (0, 1) with "
+                         "protection=\"anchor\" and consolidation > 0")
 
 
 def config_from_mapping(values: Mapping[str, Any]) -> SSRConfig:

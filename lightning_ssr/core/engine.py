@@ -138,6 +138,8 @@ class SSREngine:
         self.partial = PartialBatches(cfg.scale_partial_batches)
         self.consumers = ConsumerFinder(model, enabled=cfg.gate_outgoing)
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation
+        #: Per layer name, the factor on its pull from this task's input overlap (``overlap_power``; empty: full pull).
+        self.overlap: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
@@ -224,6 +226,11 @@ class SSREngine:
             self._project()
         return updated
 
+    def set_overlap(self, overlap: Mapping[str, float]) -> None:
+        """Scale each named layer's pull (its weight's and bias's) by a factor in ``[0, 1]`` (``overlap_power``)."""
+        self.overlap, states = dict(overlap), {**self.layers, **self.outputs}
+        self.anchoring.set_scales({id(p): v for n, v in self.overlap.items() for p in states[n].module.parameters(False)})
+
     def _project(self) -> None:
         """Take the drift from the anchors out of the old inputs' span (input-subspace protection)."""
         if self.protecting and self.subspace.enabled:
@@ -232,9 +239,12 @@ class SSREngine:
     def _update(self, scale: bool = True) -> bool:
         cfg = self.config
         steps, self._window = max(self._window, 1), 0
-        flushed = self.sensor.flush(self.reduce_fn)
+        names, energies = self.subspace.task_energies() if cfg.overlap_exponent and self.protecting else ([], None)
+        flushed = self.sensor.flush(self.reduce_fn, energies)  # the energies summed with the activity, in place
         if flushed is None:
             return False
+        if energies is not None:  # the same on every replica, so every replica pulls alike
+            self.set_overlap(self.subspace.overlaps(names, energies, cfg.overlap_exponent))
         active, means = flushed
         if not bool(torch.isfinite(means).all()):
             self.skipped += 1
@@ -262,22 +272,15 @@ class SSREngine:
 
     # ------------------------------------------------------------ inspection
     def neuron_statistics(self) -> dict[str, dict[str, Tensor]]:
-        """Per-neuron state of every tracked layer, as float32 CPU copies (for histograms).
-
-        For each layer: ``activity`` (long-run), ``set_point`` (the layer's mean activity under
-        ``set_point="layer_mean"``; NaN until measured), ``activity_minus_set_point``, ``factor``
-        (the last scale factors applied to the incoming weights) and ``importance`` (accumulated
-        over consolidated tasks). Identical on every process under DDP.
-        """
+        """Per-neuron state of every tracked layer, as float32 CPU copies (for histograms): ``activity``
+        (long-run), ``set_point`` (NaN until measured), ``activity_minus_set_point``, ``factor`` (the last
+        scale factors) and ``importance`` (over consolidated tasks). Identical on every process under DDP."""
         return {name: self.homeostasis.statistics(st) for name, st in self.layers.items()}
 
     def diagnostics(self) -> dict[str, dict[str, Tensor]]:
-        """Per-layer summaries of the last update, computed on demand (0-dim float32 tensors).
-
-        ``activity``: mean long-run activity; ``deviation``: mean ``|activity - set point|``
-        (NaN while set points are still being measured); ``factor_mean/min/max``: the last scale
-        factors applied to incoming weights.
-        """
+        """Per-layer summaries of the last update, on demand (0-dim float32 tensors): ``activity`` (mean
+        long-run), ``deviation`` (mean ``|activity - set point|``, NaN while set points are measured) and
+        ``factor_mean/min/max`` (the last scale factors applied to incoming weights)."""
         return {name: self.homeostasis.summary(st) for name, st in self.layers.items()}
 
     def named_parameters_gated(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -301,8 +304,8 @@ class SSREngine:
             for st in self.sensor.states():
                 self.consolidation.fold(st, by_grad=self.consolidation.by_gradient and st.name in self.layers)
                 self.homeostasis.new_task(st)
-        self.tasks += 1
-        self.task_step = 0
+        self.tasks, self.task_step = self.tasks + 1, 0
+        self.set_overlap({})  # the next task pulls in full until its inputs are measured
         self.partial.new_task()
         self.sensor.follow()
         self.recycling.after_task(self.layers.values(), self.model, self.tasks, self.config.recycle_shared_head)

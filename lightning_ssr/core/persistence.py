@@ -42,6 +42,7 @@ def engine_state(engine: SSREngine) -> dict[str, Any]:
         "skipped": engine.skipped,
         "window": engine._window, "fed": engine.recycling.fed,  # the modules fed at the last task's end
         "partial": engine.partial.state_dict(),
+        "overlap": dict(engine.overlap),
         "layers": {name: st.state_dict() for name, st in engine.layers.items()},
         "outputs": {name: st.state_dict() for name, st in engine.outputs.items()},
         **({"anchors": engine.anchoring.state_dict(engine.param_names())} if engine.anchoring.enabled else {}),
@@ -67,5 +68,6 @@ def load_engine_state(engine: SSREngine, state: Mapping[str, Any]) -> None:
     if engine.anchoring.enabled:
         engine.anchoring.load_state_dict(state.get("anchors", {}), dict(engine.model.named_parameters()))
     engine.subspace.load_state_dict(state.get("subspace", {}))
+    engine.set_overlap({n: float(v) for n, v in state.get("overlap", {}).items()})
     if state.get("recycled"):  # an open task's state: the weights its end's recycling overwrote
         engine.recycling.restore(engine.layers, engine.model, state["recycled"])

@@ -165,8 +165,14 @@ class ActivitySensor:
         """Whether anything was sensed since the last flush."""
         return any(st.acc_count for st in self.states())
 
-    def flush(self, reduce_fn: Optional[ReduceFn]) -> Optional[tuple[list[LayerState], Tensor]]:
+    def flush(self, reduce_fn: Optional[ReduceFn], extra: Optional[Tensor] = None
+              ) -> Optional[tuple[list[LayerState], Tensor]]:
         """The mean batch activity of every neuron since the last flush, and reset the sums.
+
+        Args:
+            reduce_fn: averages a flat float32 tensor across processes (``None`` on one process).
+            extra: a flat float32 tensor of the caller's to average in the same collective: it is
+                overwritten in place with its average (left as is when nothing was sensed).
 
         Returns:
             The layers that sensed something and one flat float32 tensor of their per-neuron
@@ -177,10 +183,14 @@ class ActivitySensor:
         if not active:
             return None
         counting = [st for st in self.outputs.values() if st.count_targets]
-        flat = torch.cat([st.acc / st.acc_count for st in active] + [st.target_acc for st in counting])
+        parts = [st.acc / st.acc_count for st in active] + [st.target_acc for st in counting]
+        flat = torch.cat(parts + ([] if extra is None else [extra.to(parts[0].device)]))
         if reduce_fn is not None:
-            flat = reduce_fn(flat)  # one collective for the activity and the targets alike
+            flat = reduce_fn(flat)  # one collective for the activity, the targets and the caller's sums alike
         size = sum(st.n for st in active)
+        if extra is not None:
+            extra.copy_(flat[flat.numel() - extra.numel():])
+            flat = flat[:flat.numel() - extra.numel()]
         for st, part in split_means(counting, flat[size:]):
             st.targets.add_(part)
             st.target_acc.zero_()

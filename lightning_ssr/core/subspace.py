@@ -214,6 +214,41 @@ class InputSubspace:
                 self._energies[name] = energy
         self._counts[name] = self._counts.get(name, 0) + rows.shape[0]
 
+    def task_energies(self) -> tuple[list[str], Optional[Tensor]]:
+        """This task's input energy so far, per layer with a basis: the layers' names and one flat
+        float32 tensor of ``[total, inside the basis]`` per layer (``None`` where there is none yet),
+        for :meth:`overlaps` once summed across processes.
+
+        Example:
+            >>> lin = nn.Linear(2, 1)
+            >>> st, sub = LayerState("0", lin), InputSubspace(energy=0.5)
+            >>> sub.observe(st, torch.tensor([[1.0, 0.0]]))
+            >>> sub.consolidate([st], reduce_fn=None)
+            >>> sub.observe(st, torch.tensor([[1.0, 1.0]]))  # half of its energy along the first input
+            >>> sub.task_energies()
+            (['0'], tensor([2., 1.]))
+        """
+        names = [n for n, basis in self.bases.items() if basis.shape[1] and n in self._energies]
+        if not names:
+            return [], None
+        device = self._energies[names[0]].device
+        return names, torch.cat([self._energies[n].to(device) for n in names]).float()
+
+    def overlaps(self, names: list[str], energies: Tensor, power: float = 1.0) -> dict[str, float]:
+        """Per layer, how far this task's inputs fall where the past tasks' inputs did: the share of their
+        energy inside the basis over the share the basis was built to hold (``energy``), at most ``1``,
+        to the power ``power``, rounded to two decimals (what it scales is derived again only when it
+        moves); from :meth:`task_energies` (summed across processes).
+
+        Example:
+            >>> sub = InputSubspace(energy=0.6)
+            >>> sub.overlaps(["a", "b", "c"], torch.tensor([10.0, 3.0, 10.0, 9.0, 0.0, 0.0]), power=3.0)
+            {'a': 0.12, 'b': 1.0, 'c': 1.0}
+        """
+        pairs = energies.view(-1, 2).tolist()
+        return {n: round((1.0 if total <= 0 else min(1.0, inside / total / self.energy)) ** power, 2)
+                for n, (total, inside) in zip(names, pairs)}
+
     def _omega(self, name: str, size: int) -> Tensor:
         """This task's ``Omega`` for a layer of ``size`` inputs, outside its basis, in the float32 the
         sketch is summed with (so a resumed task rebuilds the very matrix its sketch used)."""
