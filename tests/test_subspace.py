@@ -161,6 +161,19 @@ def test_input_rows_reads_patches_in_the_weights_column_order() -> None:
     assert_close(rows @ conv.weight.detach().reshape(3, -1).T, conv(x).detach().flatten(2)[0].T, atol=1e-5, rtol=0)
 
 
+def _step(net: nn.Module, engine: SSREngine, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step with the engine around the optimizer's."""
+    opt.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    engine.before_step()
+    opt.step()
+    engine.after_step(opt)
+
+
+def _labels(i: int) -> torch.Tensor:
+    return torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(i))
+
+
 def test_the_engine_keeps_a_layers_response_to_the_first_tasks_inputs() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -172,13 +185,7 @@ def test_the_engine_keeps_a_layers_response_to_the_first_tasks_inputs() -> None:
 
     def train(span: torch.Tensor, seed: int) -> None:
         for i in range(20):
-            x = _rows_in(span, 32, seed * 100 + i)
-            y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(i))
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x), y).backward()
-            engine.before_step()
-            opt.step()
-            engine.after_step(opt)
+            _step(net, engine, opt, _rows_in(span, 32, seed * 100 + i), _labels(i))
 
     train(eye[:, :3], 1)
     engine.consolidate()
@@ -241,13 +248,7 @@ def test_the_pull_follows_how_far_a_tasks_inputs_fall_where_old_ones_did(power: 
 
     def train(span: torch.Tensor, seed: int, steps: int = 10) -> None:
         for i in range(steps):
-            x = _rows_in(span, 32, seed * 100 + i).abs()
-            y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(i))
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x), y).backward()
-            engine.before_step()
-            opt.step()
-            engine.after_step(opt)
+            _step(net, engine, opt, _rows_in(span, 32, seed * 100 + i).abs(), _labels(i))
 
     train(eye[:, :4], 1)
     engine.consolidate()
@@ -286,11 +287,7 @@ def test_a_task_whose_inputs_miss_the_old_ones_drifts_further_from_the_anchors()
             for i in range(6):
                 x = torch.zeros(32, 8)
                 x[:, cols] = torch.rand(32, 4, generator=torch.Generator().manual_seed(task * 100 + i))
-                opt.zero_grad()
-                nn.functional.cross_entropy(net(x), torch.arange(32) % 3).backward()
-                engine.before_step()
-                opt.step()
-                engine.after_step(opt)
+                _step(net, engine, opt, x, torch.arange(32) % 3)
             if task == 0:
                 engine.consolidate()
         engine.detach()
