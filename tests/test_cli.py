@@ -203,7 +203,8 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
 
     names = [m.name for m in resolve_methods("ablations", "domain")]
     assert {"ssr", "ssr-update", "ssr-fixed-strength", "ssr-capacity", "ssr-fixed-pull", "ssr-no-recycle",
-            "ssr-recycle-shared", "ssr-full-partial", "ssr-scaling", "ssr-no-subspace", "ssr-every-step"} <= set(names)
+            "ssr-recycle-shared", "ssr-full-partial", "ssr-scaling", "ssr-no-subspace", "ssr-every-step",
+            "ssr-no-overlap"} <= set(names)
     assert "ssr-replay" not in names and "ssr-plugin" not in names
     assert METHODS["ssr-update"].base == {"protection": "update"}
     assert METHODS["ssr-capacity"].base == {"min_plasticity": 0.5}
@@ -214,6 +215,7 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
     assert METHODS["ssr-full-partial"].base == {"scale_partial_batches": False}
     assert METHODS["ssr-no-subspace"].base == {"subspace_energy": 0.0}
     assert METHODS["ssr-every-step"].base == {"protect_every": 1}
+    assert METHODS["ssr-no-overlap"].base == {"overlap_power": 0.0}
     assert METHODS["ssr-scaling"].base == {"scaling_rate": 0.1}
     assert METHODS["ssr-replay"].base["protect_every"] == 1  # beside a buffer the pull runs every step
     assert [g["mem_size"] for g in METHODS["ssr-replay"].grid] == [g["mem_size"] for g in METHODS["replay"].grid]

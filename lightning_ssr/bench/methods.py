@@ -130,6 +130,8 @@ METHODS: dict[str, Method] = {
         _ssr("ssr-every-step", "SSR ablation: the anchoring pull and the input-subspace projection after every "
              "optimizer step, not every second (the earlier default)", protect_every=1),
         _ssr("ssr-no-subspace", "SSR ablation: no input-subspace protection (the earlier default)", subspace_energy=0.0),
+        _ssr("ssr-no-overlap", "SSR ablation: the anchoring pull in full on every task, not scaled by the task's input "
+             "overlap (overlap_power=0, the earlier default)", overlap_power=0.0),
         _ssr("ssr-scaling", "SSR ablation: with homeostatic activity scaling (scaling_rate=0.1, the earlier default)",
              scaling_rate=0.1),
         _ssr("ssr-norm", "SSR ablation: with synaptic-total (norm) homeostasis", norm_rate=0.05),
