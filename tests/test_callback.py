@@ -615,6 +615,8 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path: Path, output_target
         assert sorted(bases) == ["net.0", "net.2", "net.4"] and all(b.shape[1] > 0 for b in bases.values())
         for name, basis in bases.items():
             assert_close(r1["ssr"]["subspace"]["bases"][name], basis, rtol=0, atol=0)
+        # the pull's factors during task 2 come from input energies summed across processes: the same on both ranks
+        assert r0["overlap"] == r1["overlap"] and sorted(r0["overlap"]) == ["net.0", "net.2", "net.4"], r0["overlap"]
     if output_targets:  # output importance from the targets: classes 0 and 1, then class 2
         importance = r0["ssr"]["outputs"]["net.4"]["importance"]
         assert bool((importance > 0).all())

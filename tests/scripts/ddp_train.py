@@ -51,6 +51,7 @@ def main() -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     model = Classifier()
     local: dict[str, torch.Tensor] = {}
+    overlap: dict[str, float] = {}
     model.net[0].register_forward_hook(lambda m, i, o: local.__setitem__("a", torch.relu(o.detach()).mean(0)))
     cb = SynapticScaling(scaling_rate=0.5, set_point="layer_mean", warmup_steps=1, consolidation=1.0, update_every=2,
                          output_targets=args.output_targets, subspace_energy=0.9 if args.subspace else 0.0)
@@ -69,14 +70,16 @@ def main() -> None:
     )
     trainer.fit(model, loader)
     if args.output_targets:  # task 2: class 2 only; the output gates then follow its targets
+        watch = L.Callback()  # the pull's factors during task 2 (consolidation clears them at its end)
+        watch.on_train_batch_end = lambda *a: overlap.update(cb.engine.overlap)
         trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            use_distributed_sampler=True, callbacks=[cb])
+                            use_distributed_sampler=True, callbacks=[cb, watch])
         trainer.fit(model, DataLoader(TensorDataset(x, torch.full_like(y, 2)), batch_size=16))
     rank = trainer.global_rank
     torch.save(
         {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-         "ssr": cb.engine.state_dict(), "local_activity": local["a"]},
+         "ssr": cb.engine.state_dict(), "local_activity": local["a"], "overlap": overlap},
         out / f"rank{rank}.pt",
     )
 
