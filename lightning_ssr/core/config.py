@@ -159,8 +159,11 @@ class SSRConfig:
             its updates barely touch the old outputs, so the pull lifts and the task is learned as
             without SSR; where they overlap (Split streams) the pull stays. Each task starts at the
             full pull until its first update. ``0`` switches it off; ``None`` (the default): 3 with
-            input-subspace protection on, else 0. Chosen on validation splits (see the README,
-            "A pull that follows the input overlap").
+            input-subspace protection on, else 0. Chosen on validation splits (3 seeds; README, "A
+            pull that follows the input overlap"): Permuted digits domain / class 83.3 / 86.9 % against
+            74.3 / 42.0 with ``0``, plasticity within 2 points of plain training's; level or above
+            elsewhere but Permuted Fashion-MNIST 20 (70.0 against 71.7) and Split Fashion-MNIST
+            domain (89.3 against 90.4).
         subspace_unused_outputs: with ``subspace_energy``, also project the drift of the output
             units that no finished task used (importance 0: the classes not seen yet). ``False``
             leaves them free, so new classes are learned as without it; ``True`` keeps them from
