@@ -83,7 +83,8 @@ class SynapticScaling(Callback):
         track_output: track the output layer too. Default: ``False``.
         consolidate_on_fit_end: consolidate when each ``fit`` ends. Default: ``True``.
         log_diagnostics: log per-layer ``activity``, ``deviation`` (mean absolute distance to the
-            set point) and scale factors under ``ssr/<layer>/...`` every ``log_every_n_steps``.
+            set point) and scale factors under ``ssr/<layer>/...`` every ``log_every_n_steps``, and
+            from a task's first update on, each layer's ``pull_scale`` (``overlap_power``).
             Default: ``True``.
         resume_continues_task: ``trainer.fit(ckpt_path=...)`` from a checkpoint saved after a fit
             ended (``trainer.save_checkpoint``) continues that task, as plain Lightning continues the
@@ -247,6 +248,7 @@ class SynapticScaling(Callback):
             for layer, diag in self.engine.diagnostics().items()
             for key, value in diag.items()
         }
+        metrics.update({f"ssr/{layer}/pull_scale": torch.tensor(v) for layer, v in self.engine.overlap.items()})
         metrics["ssr/skipped_updates"] = torch.tensor(float(self.engine.skipped))
         self._updated_since_log = False
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

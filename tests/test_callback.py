@@ -265,7 +265,8 @@ def test_public_consolidate_and_error_before_fit() -> None:
 def test_diagnostics_are_logged_through_the_trainer_logger(tmp_path: Path) -> None:
     cb = SynapticScaling(scaling_rate=0.5, set_point=0.1, warmup_steps=0, update_every=1)
     logger = CSVLogger(str(tmp_path), name="run")
-    _trainer([cb], logger=logger, log_every_n_steps=2, max_epochs=2).fit(Classifier(tiny_mlp()), _loader())
+    module = Classifier(tiny_mlp())
+    _trainer([cb], logger=logger, log_every_n_steps=2, max_epochs=2).fit(module, _loader())
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     keys = set(rows[0])
     for layer in ("0", "2"):
@@ -273,6 +274,13 @@ def test_diagnostics_are_logged_through_the_trainer_logger(tmp_path: Path) -> No
             assert f"ssr/net.{layer}/{k}" in keys
     factors = [float(r["ssr/net.0/factor_mean"]) for r in rows if r.get("ssr/net.0/factor_mean")]
     assert len(factors) >= 4 and all(0.99 - 1e-6 <= f <= 1.01 + 1e-6 for f in factors)
+    assert not any(k.endswith("/pull_scale") for k in keys)  # nothing is pulled on the first task
+    logger = CSVLogger(str(tmp_path), name="task2")
+    _trainer([cb], logger=logger, log_every_n_steps=2, max_epochs=1).fit(module, _loader(seed=1))
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    for layer in ("0", "2"):  # the second task's pull, scaled by its input overlap
+        scales = [float(r[f"ssr/net.{layer}/pull_scale"]) for r in rows if r.get(f"ssr/net.{layer}/pull_scale")]
+        assert len(scales) >= 3 and all(0.0 <= v <= 1.0 for v in scales), scales
 
 
 def test_forward_hooks_are_registered_only_for_the_steps_that_sense() -> None:
