@@ -348,6 +348,30 @@ def test_a_pull_over_k_steps_removes_what_k_pulls_in_a_row_would() -> None:
     assert_close(params[1].detach()[:, 0], torch.tensor([1.0 + 0.7 ** 3, 1.0 + 0.85 ** 3]))
 
 
+def test_a_new_scale_derives_again_only_the_pull_of_its_own_parameter() -> None:
+    from lightning_ssr.core.anchoring import Anchoring
+
+    gate = torch.zeros(2, 1)
+    params = [nn.Parameter(torch.zeros(2, 3)) for _ in range(2)]
+    anchoring = Anchoring(rate=0.5)
+    anchoring.set_anchors(params)
+
+    def pull() -> list[float]:
+        with torch.no_grad():
+            for p in params:
+                p.fill_(1.0)
+        anchoring.pull([(p, None, gate) for p in params])
+        return [float(p.detach()[0, 0]) for p in params]
+
+    assert pull() == pytest.approx([0.5, 0.5])
+    untouched = anchoring._plan[2][1][2]
+    anchoring.set_scales({id(params[0]): 0.5})
+    assert pull() == pytest.approx([0.75, 0.5])  # half the pull on the first, the second as it was
+    assert anchoring._plan[2][1][2] is untouched  # its weights were not derived again
+    anchoring.set_scales({})
+    assert pull() == pytest.approx([0.5, 0.5])
+
+
 def test_the_pull_follows_new_gates_learning_rates_and_storage() -> None:
     from lightning_ssr.core.anchoring import Anchoring
 

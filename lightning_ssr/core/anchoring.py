@@ -79,7 +79,7 @@ class Anchoring:
         self._anchors: dict[int, Tensor] = {}
         self._scales: dict[int, float] = {}  # per parameter id, a factor on its pull (1 where absent)
         #: What :meth:`pull` was derived from (the steps and the learning-rate factors), and per cached
-        #: parameter its storage and gate and its view, its anchor's view and its pull weights.
+        #: parameter its storage, gate and scale, and its view, its anchor's view and its pull weights.
         self._plan: Optional[tuple[tuple[int, tuple[float, ...]], list[Any], list[Any]]] = None
 
     @property
@@ -95,11 +95,9 @@ class Anchoring:
 
     def set_scales(self, scales: Mapping[int, float]) -> None:
         """Scale the pull of each parameter (by ``id``) by a factor in ``[0, 1]`` (``1`` for those not
-        named), e.g. by its layer's input overlap (``overlap_power``); the pull is derived again only
-        when the factors change."""
-        scales = {i: float(v) for i, v in scales.items() if float(v) != 1.0}
-        if scales != self._scales:
-            self._scales, self._plan = scales, None
+        named), e.g. by its layer's input overlap (``overlap_power``); :meth:`pull` derives a
+        parameter's weights again only when its own factor changed."""
+        self._scales = {i: float(v) for i, v in scales.items() if float(v) != 1.0}
 
     def pull(self, cache: Iterable[CacheEntry], optimizer: Optional[torch.optim.Optimizer] = None,
              steps: int = 1) -> None:
@@ -129,9 +127,10 @@ class Anchoring:
         if self._plan is None or self._plan[0] != settings or len(self._plan[1]) != len(cache):
             self._plan = (settings, [None] * len(cache), [None] * len(cache))
         keys, entries = self._plan[1], self._plan[2]
-        for i, (p, shape, gate) in enumerate(cache):  # derive again only what changed (e.g. the output gates)
-            if keys[i] is None or keys[i][0] != p.data_ptr() or keys[i][1] is not gate:
-                keys[i], entries[i] = (p.data_ptr(), gate), self._entry(p, shape, gate, optimizer, steps)
+        for i, (p, shape, gate) in enumerate(cache):  # derive again only what changed (the output gates, a scale)
+            scale = self._scales.get(id(p), 1.0)
+            if keys[i] is None or keys[i][0] != p.data_ptr() or keys[i][1] is not gate or keys[i][2] != scale:
+                keys[i], entries[i] = (p.data_ptr(), gate, scale), self._entry(p, shape, gate, optimizer, steps)
         with torch.no_grad():
             for entry in entries:
                 if entry is not None:
@@ -140,7 +139,7 @@ class Anchoring:
     def _entry(self, p: nn.Parameter, shape: Optional[tuple[int, ...]], gate: Tensor,
                optimizer: Optional[torch.optim.Optimizer], steps: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
         """``p``'s view for its gate, its anchor's view (on ``p``'s device) and its pull weights
-        ``1 - (1 - rate * factor * (1 - gate)) ** steps`` (``None`` where ``p`` has no anchor)."""
+        ``1 - (1 - rate * factor * scale * (1 - gate)) ** steps`` (``None`` where ``p`` has no anchor)."""
         anchor = self._anchors.get(id(p))
         if anchor is None:
             return None
