@@ -238,6 +238,7 @@ def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, p
             "hyperparameters": chosen, "time_baselines": {m.name: m.baseline for m in methods},
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "threads": torch.get_num_threads() if workers == 1 else _worker_threads(workers), "workers": workers,
+            "flush_denormal": True,  # every method alike (bench.workers.flush_denormals)
         }
         files = write_results(out_dir, meta, rows, runs, search)
         if opts.plots:
@@ -251,7 +252,10 @@ def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, p
     if pool is not None:
         _collect(opts, plan, jobs, n_tasks, bar, finish)
     else:
-        _run_here(opts, plan, benches, settings, bar, tick, logger_factory, finish)
+        from lightning_ssr.bench.workers import denormals_flushed
+
+        with denormals_flushed():  # as in every worker process
+            _run_here(opts, plan, benches, settings, bar, tick, logger_factory, finish)
     bar.close()
     echo(f"\nwall time {time.perf_counter() - start:.1f} s; time ratios compare each method with the naive run of "
          "its own runner (Avalanche or Lightning) in this run")
