@@ -83,6 +83,10 @@ STREAMS: dict[str, Stream] = {s.name: s for s in (
     # van de Ven & Tolias's Permuted MNIST at the bench's reduced budget (``--preset vdv2019-permuted``)
     Stream("mnist-permuted10-domain", "mnist", "permuted", "domain", 10, 1, 10000, lr=1e-4, iterations=100,
            pad=2, test_subset=1000),
+    Stream("mnist-permuted10-task", "mnist", "permuted", "task", 10, 1, 10000, lr=1e-4, iterations=100,
+           pad=2, test_subset=1000),
+    Stream("mnist-permuted10-class", "mnist", "permuted", "class", 10, 1, 10000, lr=1e-4, iterations=100,
+           pad=2, test_subset=1000),
     # van de Ven & Tolias's Split MNIST at the bench's reduced budget (``--preset vdv2019-split --iterations 250``)
     Stream("mnist-split-task", "mnist", "split", "task", 5, 1, iterations=250),
     Stream("mnist-split-domain", "mnist", "split", "domain", 5, 1, iterations=250),
