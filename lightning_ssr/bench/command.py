@@ -204,6 +204,7 @@ def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, p
 
     settings = settings_of(opts)
     n_tasks = stream_length(opts.protocol, opts.n_tasks)
+    flushes = bool(torch.set_flush_denormal(False))  # whether this CPU can flush denormals (torch's default meanwhile)
     benches: dict[str, ContinualBenchmark] = {}
     if pool is None:
         from lightning_ssr.bench.workers import benchmark_of
@@ -238,7 +239,7 @@ def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, p
             "hyperparameters": chosen, "time_baselines": {m.name: m.baseline for m in methods},
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "threads": torch.get_num_threads() if workers == 1 else _worker_threads(workers), "workers": workers,
-            "flush_denormal": True,  # every method alike (bench.workers.flush_denormals)
+            "flush_denormal": flushes,  # every method alike (bench.workers.flush_denormals)
         }
         files = write_results(out_dir, meta, rows, runs, search)
         if opts.plots:

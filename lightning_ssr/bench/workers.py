@@ -26,7 +26,8 @@ from lightning_ssr.bench.settings import RunSettings, settings_of
 from lightning_ssr.continual import StreamResult
 from lightning_ssr.data import ContinualBenchmark, make_benchmark
 
-__all__ = ["benchmark_of", "denormals_flushed", "flush_denormals", "init_worker", "method_job", "search_method", "settings_of", "warm_up"]
+__all__ = ["benchmark_of", "denormals_flushed", "flush_denormals", "init_worker", "method_job", "search_method",
+           "settings_of", "warm_up"]
 
 _STATE: dict[str, Any] = {}
 
