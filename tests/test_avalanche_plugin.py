@@ -220,11 +220,13 @@ def test_subspace_protection_is_off_beside_replay_unless_asked_for(split_fmnist:
 
 
 def test_anchor_lr_reads_the_strategys_optimizer(split_fmnist: ContinualBenchmark) -> None:
-    """Under Adam 1e-3, ``anchor_rate=0.5, anchor_lr=0.01`` pulls as a fixed ``anchor_rate=0.05``."""
+    """Under Adam 1e-3, ``anchor_rate=0.5, anchor_lr=0.01`` pulls as a fixed ``anchor_rate=0.05`` (the pull
+    alone: the input-subspace projection, which shrinks alike, is off)."""
     torch.manual_seed(0)
     init = _mlp(split_fmnist)
     nets = []
-    for ssr in (SSRPlugin(anchor_rate=0.5, anchor_lr=0.01), SSRPlugin(anchor_rate=0.05)):
+    for ssr in (SSRPlugin(anchor_rate=0.5, anchor_lr=0.01, subspace_energy=0.0),
+                SSRPlugin(anchor_rate=0.05, subspace_energy=0.0)):
         model = copy.deepcopy(init)
         strategy = _strategy(model, [ssr])
         torch.manual_seed(1)  # the same mini-batch order in both runs

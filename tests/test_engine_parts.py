@@ -280,10 +280,12 @@ def _engine_after_one_task(lr: float = 0.5, **cfg):
 
 
 def test_anchor_lr_scales_the_pull_with_the_learning_rate() -> None:
-    """``anchor_rate=0.5, anchor_lr=5`` at lr 0.5 pulls as a fixed ``anchor_rate=0.05`` does."""
-    scaled, scaled_net, scaled_train = _engine_after_one_task(protection="anchor", anchor_rate=0.5, anchor_lr=5.0)
-    fixed, fixed_net, fixed_train = _engine_after_one_task(protection="anchor", anchor_rate=0.05)
-    strong, strong_net, strong_train = _engine_after_one_task(protection="anchor", anchor_rate=0.5)
+    """``anchor_rate=0.5, anchor_lr=5`` at lr 0.5 pulls as a fixed ``anchor_rate=0.05`` does (the pull
+    alone: input-subspace protection, whose projection shrinks alike, is off here)."""
+    off = {"subspace_energy": 0.0}
+    scaled, scaled_net, scaled_train = _engine_after_one_task(protection="anchor", anchor_rate=0.5, anchor_lr=5.0, **off)
+    fixed, fixed_net, fixed_train = _engine_after_one_task(protection="anchor", anchor_rate=0.05, **off)
+    strong, strong_net, strong_train = _engine_after_one_task(protection="anchor", anchor_rate=0.5, **off)
     for train in (scaled_train, fixed_train, strong_train):
         torch.manual_seed(1)  # the same second task's data for each
         train(10, 2.0)
@@ -298,8 +300,8 @@ def test_by_default_the_pull_shrinks_with_a_learning_rate_below_1e_3_and_holds_a
     assert SSRConfig().anchor_lr == 1e-3
     for lr, fixed_rate in ((1e-4, 0.01), (1e-2, 0.1)):
         runs = []
-        for cfg in ({}, {"anchor_rate": fixed_rate, "anchor_lr": None}):
-            _, net, train = _engine_after_one_task(lr=lr, protection="anchor", **cfg)
+        for cfg in ({}, {"anchor_rate": fixed_rate, "anchor_lr": None}):  # the pull alone (no projection)
+            _, net, train = _engine_after_one_task(lr=lr, protection="anchor", subspace_energy=0.0, **cfg)
             torch.manual_seed(1)
             train(10, 2.0)
             runs.append(net)

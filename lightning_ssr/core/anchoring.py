@@ -78,6 +78,8 @@ class Anchoring:
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         self._anchors: dict[int, Tensor] = {}
         self._scales: dict[int, float] = {}  # per parameter id, a factor on its pull (1 where absent)
+        #: Per parameter id, ``min(lr / reference_lr, 1)`` of its group at the last pull (1 where absent).
+        self.lr_factors: dict[int, float] = {}
         #: What :meth:`pull` was derived from (the steps and the learning-rate factors), and per cached
         #: parameter its storage, gate and scale, and its view, its anchor's view and its pull weights.
         self._plan: Optional[tuple[tuple[int, tuple[float, ...]], list[Any], list[Any]]] = None
@@ -150,6 +152,7 @@ class Anchoring:
             group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
             lr = self.reference_lr if group is None else float(group["lr"])
             factor = lr_factor(lr, self.reference_lr)  # the factor the plan's settings hold for p's group
+        self.lr_factors[id(p)] = factor
         w = (self.rate * factor * self._scales.get(id(p), 1.0)) * (1.0 - gate)
         return as_view(p, shape), as_view(anchor, shape), w if steps == 1 else 1.0 - (1.0 - w) ** steps
 
@@ -166,6 +169,11 @@ class Anchoring:
                 "optimizer was given: call SSREngine.after_step(optimizer), or set SSRConfig(anchor_lr=None) "
                 "for a pull of anchor_rate per step whatever the learning rate"
             )
+
+    def lr_factor_of(self, p: nn.Parameter) -> float:
+        """``min(lr / reference_lr, 1)`` of ``p``'s group at the last pull (``1`` before any, or without a
+        ``reference_lr``): input-subspace protection scales its projection by it as the pull is scaled."""
+        return self.lr_factors.get(id(p), 1.0)
 
     def anchor_of(self, p: nn.Parameter) -> Optional[Tensor]:
         """The anchor of ``p`` (``None`` where it has none)."""

@@ -127,6 +127,9 @@ class SSRConfig:
             (plain 98.6 / 75.8 / 19.6). Scaling the pull up above ``anchor_lr`` lost on every
             digits stream at ``lr=3e-3`` (98.3 / 78.0 / 16.7 against 98.6 / 79.2 / 17.8), so it
             does not; at ``lr=1e-3``, where the other defaults were chosen, it changes nothing.
+            Input-subspace protection's projection shrinks alike (``W <- W - f (W - A) U U^T``,
+            ``f = min(lr / anchor_lr, 1)``): class-incremental validation at ``lr=1e-4``, Permuted MNIST
+            38.8 % against 35.6 (plain 36.5), digits 67.8 against 28.9 (plain 31.9).
         protect_every: anchoring's pull and the input-subspace projection every ``k``-th optimizer
             step of a task: the pull removes what ``k`` pulls in a row would (``1 - (1 - w) ** k``,
             at the learning rate of the step that pulls), the projection runs once more at the

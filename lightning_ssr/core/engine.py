@@ -234,7 +234,7 @@ class SSREngine:
     def _project(self) -> None:
         """Take the drift from the anchors out of the old inputs' span (input-subspace protection)."""
         if self.protecting and self.subspace.enabled:
-            self.subspace.project(self.sensor.states(), self.anchoring.anchor_of)
+            self.subspace.project(self.sensor.states(), self.anchoring.anchor_of, self.anchoring.lr_factor_of)
 
     def _update(self, scale: bool = True) -> bool:
         cfg = self.config

@@ -46,6 +46,8 @@ def engine_state(engine: SSREngine) -> dict[str, Any]:
         "layers": {name: st.state_dict() for name, st in engine.layers.items()},
         "outputs": {name: st.state_dict() for name, st in engine.outputs.items()},
         **({"anchors": engine.anchoring.state_dict(engine.param_names())} if engine.anchoring.enabled else {}),
+        "lr_factors": {n: engine.anchoring.lr_factors[id(p)] for n, p in engine.model.named_parameters()
+                       if id(p) in engine.anchoring.lr_factors},
         **({"subspace": engine.subspace.state_dict()} if engine.subspace.enabled else {}),
     }
 
@@ -68,6 +70,8 @@ def load_engine_state(engine: SSREngine, state: Mapping[str, Any]) -> None:
     if engine.anchoring.enabled:
         engine.anchoring.load_state_dict(state.get("anchors", {}), dict(engine.model.named_parameters()))
     engine.subspace.load_state_dict(state.get("subspace", {}))
+    params = dict(engine.model.named_parameters())
+    engine.anchoring.lr_factors = {id(params[n]): float(f) for n, f in state.get("lr_factors", {}).items() if n in params}
     engine.set_overlap({n: float(v) for n, v in state.get("overlap", {}).items()})
     if state.get("recycled"):  # an open task's state: the weights its end's recycling overwrote
         engine.recycling.restore(engine.layers, engine.model, state["recycled"])

@@ -301,8 +301,10 @@ class InputSubspace:
         new = vectors[:, :k] - basis @ (basis.T @ vectors[:, :k])  # orthogonal to the basis to rounding
         return torch.cat([basis, torch.linalg.qr(new).Q], dim=1).float()
 
-    def project(self, states: Iterable[LayerState], anchor_of: Callable[[nn.Parameter], Optional[Tensor]]) -> None:
-        """``W <- W - (W - A) U U^T`` in place, for each layer with a basis and an anchor ``A`` of its weight.
+    def project(self, states: Iterable[LayerState], anchor_of: Callable[[nn.Parameter], Optional[Tensor]],
+                factor_of: Optional[Callable[[nn.Parameter], float]] = None) -> None:
+        """``W <- W - f (W - A) U U^T`` in place, for each layer with a basis and an anchor ``A`` of its weight
+        (``f = factor_of(W)``, ``1`` without it: the whole drift along the old inputs is removed).
 
         Computed as ``W - (W U - A U) U^T`` with ``A U`` kept in a per-layer plan built on the first
         call after the anchors, the basis or the weight's storage change: one read of ``W`` and one
@@ -317,12 +319,13 @@ class InputSubspace:
             self._plan = (key, self._make_plan(states, anchor_of))
         with torch.no_grad():
             for weight, w, basis, held, mask in self._plan[1]:
+                f = 1.0 if factor_of is None else factor_of(weight)
                 if w is not None:
                     drift = torch.addmm(held, w, basis, beta=-1.0)  # W U - A U in one call
-                    w.addmm_(drift if mask is None else drift.mul_(mask), basis.T, alpha=-1.0)
+                    w.addmm_(drift if mask is None else drift.mul_(mask), basis.T, alpha=-f)
                 else:  # e.g. a channels_last convolution: the same update through a copy of its rows
                     drift = torch.addmm(held, weight.reshape(weight.shape[0], -1), basis, beta=-1.0)
-                    weight.sub_(((drift if mask is None else drift.mul_(mask)) @ basis.T).view(weight.shape))
+                    weight.sub_(((drift if mask is None else drift.mul_(mask)) @ basis.T).view(weight.shape), alpha=f)
 
     def _make_plan(self, states: list[LayerState], anchor_of: Callable[[nn.Parameter], Optional[Tensor]]) -> list[tuple]:
         """Per layer to project: the weight, its ``(out, in)`` view (``None`` where it is not contiguous),
