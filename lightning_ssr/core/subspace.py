@@ -10,7 +10,10 @@ moment), and after every optimizer step the drift is taken out of that span:
     W <- W - (W - A) U U^T
 
 so old inputs see the weights they were learned with, while the directions no old input used (and
-every synapse within them, whatever its neuron's importance) stay free for the next task. This is
+every synapse within them, whatever its neuron's importance) stay free for the next task. Below the
+anchoring's reference learning rate (``anchor_lr``) the step removes only ``f = lr / anchor_lr`` of
+that drift, ``W <- W - f (W - A) U U^T``, as the pull shrinks there: at a small learning rate the full
+projection held a class-incremental stream's old output units up while the new ones grew too slowly. This is
 what node importance cannot do where every neuron is shared: a neuron that no past task needed
 (one protection leaves free) still cannot change its response to old inputs, which is how free
 neurons made SSR forget (see the README, "What SSR does not do yet").
