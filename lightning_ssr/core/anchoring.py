@@ -141,7 +141,8 @@ class Anchoring:
     def _entry(self, p: nn.Parameter, shape: Optional[tuple[int, ...]], gate: Tensor,
                optimizer: Optional[torch.optim.Optimizer], steps: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
         """``p``'s view for its gate, its anchor's view (on ``p``'s device) and its pull weights
-        ``1 - (1 - rate * factor * scale * (1 - gate)) ** steps`` (``None`` where ``p`` has no anchor)."""
+        ``1 - (1 - rate * factor * scale * (1 - gate)) ** steps`` (``None`` where ``p`` has no anchor);
+        records ``factor`` in :attr:`lr_factors`."""
         anchor = self._anchors.get(id(p))
         if anchor is None:
             return None

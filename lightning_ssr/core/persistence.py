@@ -34,6 +34,7 @@ def _check_saved_state(state: Mapping[str, Any], layers: Mapping[str, LayerState
 
 def engine_state(engine: SSREngine) -> dict[str, Any]:
     """Everything needed to resume ``engine`` exactly: counters and every per-neuron tensor."""
+    names = engine.param_names()
     return {
         "version": STATE_VERSION,
         "step": engine.step,
@@ -45,9 +46,8 @@ def engine_state(engine: SSREngine) -> dict[str, Any]:
         "overlap": dict(engine.overlap),
         "layers": {name: st.state_dict() for name, st in engine.layers.items()},
         "outputs": {name: st.state_dict() for name, st in engine.outputs.items()},
-        **({"anchors": engine.anchoring.state_dict(engine.param_names())} if engine.anchoring.enabled else {}),
-        "lr_factors": {n: engine.anchoring.lr_factors[id(p)] for n, p in engine.model.named_parameters()
-                       if id(p) in engine.anchoring.lr_factors},
+        **({"anchors": engine.anchoring.state_dict(names)} if engine.anchoring.enabled else {}),
+        "lr_factors": {names[i]: f for i, f in engine.anchoring.lr_factors.items() if i in names},
         **({"subspace": engine.subspace.state_dict()} if engine.subspace.enabled else {}),
     }
 
@@ -67,10 +67,10 @@ def load_engine_state(engine: SSREngine, state: Mapping[str, Any]) -> None:
     if engine.tasks:
         engine._consolidated = {id(p) for p in engine.model.parameters()}
         engine._refresh_gates()
-    if engine.anchoring.enabled:
-        engine.anchoring.load_state_dict(state.get("anchors", {}), dict(engine.model.named_parameters()))
-    engine.subspace.load_state_dict(state.get("subspace", {}))
     params = dict(engine.model.named_parameters())
+    if engine.anchoring.enabled:
+        engine.anchoring.load_state_dict(state.get("anchors", {}), params)
+    engine.subspace.load_state_dict(state.get("subspace", {}))
     engine.anchoring.lr_factors = {id(params[n]): float(f) for n, f in state.get("lr_factors", {}).items() if n in params}
     engine.set_overlap({n: float(v) for n, v in state.get("overlap", {}).items()})
     if state.get("recycled"):  # an open task's state: the weights its end's recycling overwrote
