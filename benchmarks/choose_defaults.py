@@ -87,6 +87,8 @@ STREAMS: dict[str, Stream] = {s.name: s for s in (
            pad=2, test_subset=1000),
     Stream("mnist-permuted10-class", "mnist", "permuted", "class", 10, 1, 10000, lr=1e-4, iterations=100,
            pad=2, test_subset=1000),
+    Stream("mnist-permuted20-class", "mnist", "permuted", "class", 20, 1, 10000, lr=1e-4, iterations=100,
+           pad=2, test_subset=1000),
     # van de Ven & Tolias's Split MNIST at the bench's reduced budget (``--preset vdv2019-split --iterations 250``)
     Stream("mnist-split-task", "mnist", "split", "task", 5, 1, iterations=250),
     Stream("mnist-split-domain", "mnist", "split", "domain", 5, 1, iterations=250),

@@ -204,7 +204,7 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
 
     names = [m.name for m in resolve_methods("ablations", "domain")]
     assert {"ssr", "ssr-update", "ssr-fixed-strength", "ssr-capacity", "ssr-fixed-pull", "ssr-no-recycle",
-            "ssr-recycle-shared", "ssr-full-partial", "ssr-scaling", "ssr-no-subspace", "ssr-every-step",
+            "ssr-recycle-shared", "ssr-recycle-zero", "ssr-full-partial", "ssr-scaling", "ssr-no-subspace", "ssr-every-step",
             "ssr-no-overlap"} <= set(names)
     assert "ssr-replay" not in names and "ssr-plugin" not in names
     assert METHODS["ssr-update"].base == {"protection": "update"}
@@ -213,6 +213,7 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
     assert METHODS["ssr-fixed-pull"].base == {"anchor_lr": None}
     assert METHODS["ssr-no-recycle"].base == {"recycle_below": 0.0}
     assert METHODS["ssr-recycle-shared"].base == {"recycle_shared_head": True}
+    assert METHODS["ssr-recycle-zero"].base == {"recycle_outgoing": "zero"}
     assert METHODS["ssr-full-partial"].base == {"scale_partial_batches": False}
     assert METHODS["ssr-no-subspace"].base == {"subspace_energy": 0.0}
     assert METHODS["ssr-every-step"].base == {"protect_every": 1}

@@ -399,6 +399,7 @@ def test_reduce_fn_sees_one_flat_float32_tensor() -> None:
         ({"protection": "ewc"}, r"`protection` must be one of \['gradient', 'update', 'penalty', 'anchor'\], got 'ewc'"),
         ({"importance": "fisher"}, r"`importance` must be one of \['activity', 'activity_grad'\], got 'fisher'"),
         ({"gate_outgoing": 1}, r"`gate_outgoing` must be a bool, got 1"),
+        ({"recycle_outgoing": "cut"}, r"`recycle_outgoing` must be one of \['keep', 'zero'\], got 'cut'"),
         ({"anchor_lr": 0.0}, r"`anchor_lr` must be in \(0.0, inf\], got 0.0"),
         ({"anchor_lr": "adam"}, r"`anchor_lr` must be a number, got 'adam' of type str"),
         ({"warmup_steps": True}, r"`warmup_steps` must be an int, got True"),

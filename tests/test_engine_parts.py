@@ -437,7 +437,8 @@ def test_anchors_round_trip_through_the_engine_state() -> None:
 
 
 # ---------------------------------------------------------------------------------- recycling
-def test_recycling_renews_unused_neurons_the_same_way_every_time() -> None:
+@pytest.mark.parametrize("outgoing", ["keep", "zero"])
+def test_recycling_renews_unused_neurons_the_same_way_every_time(outgoing: str) -> None:
     def run(below: float):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -448,25 +449,31 @@ def test_recycling_renews_unused_neurons_the_same_way_every_time() -> None:
             net[0].bias[:5] = -1.0
         from lightning_ssr.core import SSREngine
 
-        engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, recycle_below=below))
+        engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, recycle_below=below,
+                                          recycle_outgoing=outgoing))
         engine.attach()
         before = net[0].weight.detach().clone()
         for _ in range(3):
             net(torch.rand(8, 4)).sum().backward()
             engine.before_step()
             engine.after_step()
+        out_before = net[2].weight.detach().clone()
         engine.consolidate()
-        return engine, net, before
+        return engine, net, before, out_before
 
-    engine, net, before = run(0.1)
+    engine, net, before, out_before = run(0.1)
     assert engine.layers["0"].recycled == 5
     assert not torch.equal(net[0].weight[:5], before[:5]) and torch.equal(net[0].weight[5:], before[5:])
     assert float(net[0].weight.detach()[:5].abs().max()) <= 0.5  # 1 / sqrt(fan_in = 4)
     out = net[2].weight.detach()
-    assert float(out[:, :5].abs().sum()) == 0.0 and float(out[:, 5:].abs().sum()) > 0
-    _, again, _ = run(0.1)
+    assert torch.equal(out[:, 5:], out_before[:, 5:]) and float(out[:, 5:].abs().sum()) > 0
+    if outgoing == "zero":  # cut: the new units start with no effect on the output
+        assert float(out[:, :5].abs().sum()) == 0.0
+    else:  # kept: they feed the consumer through the weights the silent units had
+        assert torch.equal(out[:, :5], out_before[:, :5]) and float(out[:, :5].abs().sum()) > 0
+    _, again, _, _ = run(0.1)
     assert torch.equal(again[0].weight, net[0].weight)  # seeded by task and layer: DDP replicas agree
-    off, untouched, before = run(0.0)
+    off, untouched, before, _ = run(0.0)
     assert off.layers["0"].recycled == 0 and torch.equal(untouched[0].weight, before)
 
 

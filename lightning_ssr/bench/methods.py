@@ -128,6 +128,8 @@ METHODS: dict[str, Method] = {
         _ssr("ssr-no-recycle", "SSR ablation: no recycling of unused neurons (the earlier default)", recycle_below=0.0),
         _ssr("ssr-recycle-shared", "SSR ablation: recycling after every task also where the tasks share a head (the "
              "earlier default)", recycle_shared_head=True),
+        _ssr("ssr-recycle-zero", "SSR ablation: recycled neurons' outgoing weights set to zero, not kept (the "
+             "earlier default)", recycle_outgoing="zero"),
         _ssr("ssr-full-partial", "SSR ablation: a smaller last batch takes a full optimizer step, not one scaled by "
              "its samples (the earlier behaviour)", scale_partial_batches=False),
         _ssr("ssr-every-step", "SSR ablation: the anchoring pull and the input-subspace projection after every "

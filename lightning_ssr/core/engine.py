@@ -134,7 +134,7 @@ class SSREngine:
         self.consolidation = Consolidation(cfg)
         self.protection = Protection(cfg)
         self.anchoring = Anchoring(cfg.anchor_rate if cfg.protection == "anchor" else 0.0, cfg.anchor_lr)
-        self.recycling = Recycling(cfg.recycle_below)
+        self.recycling = Recycling(cfg.recycle_below, cfg.recycle_outgoing)
         self.partial = PartialBatches(cfg.scale_partial_batches)
         self.consumers = ConsumerFinder(model, enabled=cfg.gate_outgoing)
         self._consolidated: set[int] = set()  # ids of the parameters that existed at the last consolidation

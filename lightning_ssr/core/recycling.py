@@ -11,8 +11,12 @@ relative to its layer's mean, over all finished tasks) is below ``recycle_below`
 * fresh incoming weights and bias, drawn as PyTorch initializes a Linear or Conv layer
   (uniform in ``+-1 / sqrt(fan_in)``), from a generator seeded by the task count and the layer,
   so every DDP replica and every resumed run draws the same numbers;
-* zero outgoing weights (its columns in the layer that consumes it): the new unit starts with no
-  effect on the network's output, and where the consumer is protected the zero is what is kept.
+* its outgoing weights (its columns in the layer that consumes it) as they were
+  (``recycle_outgoing="keep"``, the default), or zero (``"zero"``: the new unit starts with no
+  effect on the network's output, and where the consumer is protected the zero is what is kept).
+  A cut unit also gets no gradient into its fresh incoming weights until the zeros regrow, by about
+  the learning rate a step: at Adam's ``lr=1e-4`` (Permuted MNIST class-incremental, validation)
+  cutting left SSR at 38.7 % against 48.2 with the weights kept (10 tasks; plain training 36.5).
 
 Where the tasks share one output head (every tracked layer feeds the same modules as at the last
 task's end: domain- and class-incremental streams), recycling runs after the first task only
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 
 from lightning_ssr.core.layers import weight_rows
 from lightning_ssr.core.state import LayerState
+from lightning_ssr.core.validation import check_choice
 
 __all__ = ["Recycling"]
 
@@ -50,6 +55,8 @@ class Recycling:
     Args:
         below: ``recycle_below``, the importance (relative to the layer mean of 1) under which a
             neuron is recycled; ``0`` switches recycling off.
+        outgoing: ``recycle_outgoing``: ``"keep"`` the recycled neuron's outgoing weights or set them
+            to ``"zero"``.
 
     Example:
         >>> from torch import nn
@@ -60,14 +67,21 @@ class Recycling:
         >>> st.importance.copy_(torch.tensor([2.0, 0.0, 1.5, 0.5]))
         tensor([2.0000, 0.0000, 1.5000, 0.5000])
         >>> st.consumer = (net[2], 1)
+        >>> before = net[2].weight.detach().clone()
         >>> Recycling(below=0.1).recycle([st], task=1)
         1
-        >>> net[2].weight[:, 1].abs().sum().item()  # the recycled neuron's outgoing weights
+        >>> torch.equal(net[2].weight, before)  # the recycled neuron's outgoing weights are kept
+        True
+        >>> Recycling(below=0.1, outgoing="zero").recycle([st], task=2)
+        1
+        >>> net[2].weight[:, 1].abs().sum().item()  # ... or cut
         0.0
     """
 
-    def __init__(self, below: float) -> None:
+    def __init__(self, below: float, outgoing: str = "keep") -> None:
+        check_choice("recycle_outgoing", outgoing, ("keep", "zero"))
         self.below = float(below)
+        self.outgoing = outgoing
         #: Per tracked layer, the name of the module it fed at the last task's end (``None``: no task
         #: ended yet); a head shared by the tasks is fed again, a new head per task is not.
         self.fed: Optional[dict[str, str]] = None
@@ -132,7 +146,7 @@ class Recycling:
                     continue
                 total += idx.numel()
                 undo = self._undo[st.name] = {"idx": idx.cpu(), **self._reinit_incoming(st, idx, task)}
-                if st.consumer is not None and st.consumer[0].weight.requires_grad:
+                if self.outgoing == "zero" and st.consumer is not None and st.consumer[0].weight.requires_grad:
                     undo["consumer"] = st.consumer[0]
                     undo["cols"] = _set_columns(st.consumer[0].weight, st.n, idx, 0.0)
         return total
