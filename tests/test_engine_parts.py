@@ -477,6 +477,37 @@ def test_recycling_renews_unused_neurons_the_same_way_every_time(outgoing: str) 
     assert off.layers["0"].recycled == 0 and torch.equal(untouched[0].weight, before)
 
 
+@pytest.mark.parametrize("outgoing", ["keep", "zero"])
+def test_a_recycled_unit_learns_at_once_only_if_its_outgoing_weights_are_kept(outgoing: str) -> None:
+    """Why ``recycle_outgoing="keep"`` is the default: a unit whose outgoing weights were cut gets no
+    gradient into its fresh incoming weights (it must wait for the zeros to regrow)."""
+    from lightning_ssr.core import SSREngine
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        net[0].weight[:5] = -net[0].weight[:5].abs()
+        net[0].bias[:5] = -1.0  # units 0-4 never fire on x >= 0: recycled at the task's end
+    engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, recycle_below=0.1, recycle_outgoing=outgoing))
+    engine.attach()
+    for _ in range(3):
+        net(torch.rand(8, 4)).sum().backward()
+        engine.before_step()
+        engine.after_step()
+    engine.consolidate()
+    assert engine.layers["0"].recycled >= 5
+    net.zero_grad()
+    x = torch.rand(64, 4)
+    fired = (net[0](x)[:, :5] > 0).any(0)
+    assert bool(fired.any())  # fresh incoming weights: some renewed units answer the new inputs
+    net(x).logsumexp(1).sum().backward()
+    grad = net[0].weight.grad[:5][fired].abs().sum(1)
+    if outgoing == "keep":
+        assert bool((grad > 0).all())
+    else:
+        assert float(grad.sum()) == 0.0
+
+
 class _Heads(nn.Module):
     """A body shared by the tasks and either one shared head or a new head per task (``task``)."""
 
