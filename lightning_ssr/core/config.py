@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from lightning_ssr.core.recycling import OUTGOING_RULES
 from lightning_ssr.core.validation import check_bool, check_choice, check_int, check_number
 
 __all__ = ["ActivityFn", "DEFAULT_OVERLAP_POWER", "DEFAULT_SUBSPACE_ENERGY", "SSRConfig"]
@@ -347,7 +348,7 @@ def _validate(cfg: SSRConfig) -> None:
     check_number("consolidation", cfg.consolidation, 0.0)
     check_number("min_plasticity", cfg.min_plasticity, 0.0, 1.0, high_open=True)
     check_number("recycle_below", cfg.recycle_below, 0.0)
-    check_choice("recycle_outgoing", cfg.recycle_outgoing, ("keep", "zero"))
+    check_choice("recycle_outgoing", cfg.recycle_outgoing, OUTGOING_RULES)
     check_choice("importance", cfg.importance, _IMPORTANCES)
     check_choice("accumulate", cfg.accumulate, ("sum", "max"))
     check_choice("protection", cfg.protection, _PROTECTIONS)

@@ -46,7 +46,10 @@ from lightning_ssr.core.layers import weight_rows
 from lightning_ssr.core.state import LayerState
 from lightning_ssr.core.validation import check_choice
 
-__all__ = ["Recycling"]
+__all__ = ["OUTGOING_RULES", "Recycling"]
+
+#: What ``recycle_outgoing`` may say a recycled neuron's outgoing weights become.
+OUTGOING_RULES = ("keep", "zero")
 
 
 class Recycling:
@@ -79,7 +82,7 @@ class Recycling:
     """
 
     def __init__(self, below: float, outgoing: str = "keep") -> None:
-        check_choice("recycle_outgoing", outgoing, ("keep", "zero"))
+        check_choice("recycle_outgoing", outgoing, OUTGOING_RULES)
         self.below = float(below)
         self.outgoing = outgoing
         #: Per tracked layer, the name of the module it fed at the last task's end (``None``: no task
