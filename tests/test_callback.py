@@ -59,10 +59,11 @@ class Classifier(L.LightningModule):
         optimizer.step(closure=optimizer_closure)
 
 
-def _loader(n: int = 128, shape: tuple[int, ...] = (8,), batch_size: int = 16, seed: int = 0) -> DataLoader:
+def _loader(n: int = 128, shape: tuple[int, ...] = (8,), batch_size: int = 16, seed: int = 0,
+            classes: tuple[int, ...] = (0, 1, 2)) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
+    y = torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=g)]
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
@@ -468,32 +469,35 @@ def test_an_unreadable_batch_size_is_warned_about_and_steps_are_left_as_they_are
 _RESUME_KWARGS = dict(scaling_rate=0.2, set_point="self", warmup_steps=3, consolidation=2.0, norm_rate=0.05, update_every=3)
 
 
-def _resume_run(tmp_path: Path, stop: bool, **extra: Any) -> tuple[dict, dict]:
-    """Task 1 (one fit), then task 2 over 4 epochs, optionally stopped after 2 and resumed."""
+def _resume_run(tmp_path: Path, stop: bool, classes: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 1, 2), (0, 1, 2)),
+                **extra: Any) -> tuple[dict, dict]:
+    """Task 1 (one fit), then task 2 over 4 epochs, optionally stopped after 2 and resumed; ``classes``: each task's."""
     L.seed_everything(7)
     net = tiny_mlp()
     cb = SynapticScaling(**_RESUME_KWARGS, **extra)
     model = Classifier(net, lr=0.1)
-    _trainer([cb]).fit(model, _loader(seed=3))
+    _trainer([cb]).fit(model, _loader(seed=3, classes=classes[0]))
     ckpt_dir = tmp_path / ("stop" if stop else "straight")
     if not stop:
-        _trainer([cb], max_epochs=4).fit(model, _loader(seed=4))
+        _trainer([cb], max_epochs=4).fit(model, _loader(seed=4, classes=classes[1]))
     else:
         saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)
-        _trainer([cb, saver], max_epochs=2, enable_checkpointing=True).fit(model, _loader(seed=4))
+        _trainer([cb, saver], max_epochs=2, enable_checkpointing=True).fit(model, _loader(seed=4, classes=classes[1]))
         # a new process would start from scratch: a new model and a new callback
         net2 = tiny_mlp()
         cb2 = SynapticScaling(**_RESUME_KWARGS, **extra)
         model = Classifier(net2, lr=0.1)
-        _trainer([cb2], max_epochs=4).fit(model, _loader(seed=4), ckpt_path=str(ckpt_dir / "last.ckpt"))
+        _trainer([cb2], max_epochs=4).fit(model, _loader(seed=4, classes=classes[1]), ckpt_path=str(ckpt_dir / "last.ckpt"))
         cb = cb2
     return {k: v.clone() for k, v in model.state_dict().items()}, cb.engine.state_dict()
 
 
 @pytest.mark.parametrize("extra", [{"protection": "update"}, {"protection": "anchor", "anchor_rate": 0.3, "min_plasticity": 0.5},
                                    {"protection": "anchor", "output_targets": True},
-                                   {"protection": "anchor", "subspace_energy": 0.9}],
-                         ids=["update", "anchor-capacity", "anchor-output-targets", "anchor-subspace"])
+                                   {"protection": "anchor", "subspace_energy": 0.9},
+                                   {"protection": "anchor", "subspace_energy": 0.9, "classes": ((0, 1), (1, 2))}],
+                         ids=["update", "anchor-capacity", "anchor-output-targets", "anchor-subspace",
+                              "anchor-subspace-new-classes"])
 def test_resume_mid_task_matches_never_stopping(tmp_path: Path, extra: dict) -> None:
     weights_a, state_a = _resume_run(tmp_path, stop=False, **extra)
     weights_b, state_b = _resume_run(tmp_path, stop=True, **extra)

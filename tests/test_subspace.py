@@ -335,8 +335,13 @@ def test_a_task_whose_inputs_miss_the_old_ones_drifts_further_from_the_anchors()
     assert drift(2.0) > 1.5 * drift(0.0)  # the pull was lifted where the new inputs lie
 
 
+@pytest.mark.parametrize("second", ["class", "domain"])
 @pytest.mark.parametrize("unused_outputs", [False, True])
-def test_output_units_no_task_used_stay_free_unless_asked(unused_outputs: bool) -> None:
+def test_the_projection_holds_the_output_units_the_current_task_trains_toward(unused_outputs: bool, second: str) -> None:
+    """Output units no finished task used stay free unless ``subspace_unused_outputs``; units a finished
+    task used stay projected while the current task trains toward them too (domain-incremental) and are
+    left free, as the gates and the pull leave them, when it does not (the old classes of a
+    class-incremental task)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     cfg = SSRConfig(subspace_energy=0.999, subspace_unused_outputs=unused_outputs, sense_every=1, update_every=2,
@@ -346,7 +351,7 @@ def test_output_units_no_task_used_stay_free_unless_asked(unused_outputs: bool) 
     engine.attach()
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
 
-    def train(classes: tuple[int, int], seed: int) -> None:  # class-incremental: task 1 is classes 0-1
+    def train(classes: tuple[int, int], seed: int) -> None:
         for i in range(20):
             x = torch.randn(32, 8, generator=torch.Generator().manual_seed(seed * 100 + i))
             y = torch.tensor(classes)[torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(i))]
@@ -360,15 +365,17 @@ def test_output_units_no_task_used_stay_free_unless_asked(unused_outputs: bool) 
     engine.consolidate()
     units = engine.subspace.units.get("2")
     assert (units is None) if unused_outputs else (units.tolist() == [True, True, False, False])
-    train((2, 3), 2)
+    train((2, 3) if second == "class" else (0, 1), 2)
+    held_old = second == "domain"
+    assert engine.subspace.units["2"].tolist() == [held_old] * 2 + [unused_outputs] * 2
     out = net[2].weight.detach()
     basis = engine.subspace.bases["2"]
-    along_old = (out - engine.anchoring.anchor_of(net[2].weight)) @ basis  # each unit's drift along task 1's inputs
-    assert float(along_old[:2].abs().max()) < 1e-4  # the classes of task 1 answer task 1's inputs as before
-    if unused_outputs:
-        assert float(along_old[2:].abs().max()) < 1e-4
-    else:
-        assert float(along_old[2:].abs().max()) > 1e-2  # the new classes learned on every direction
+    along_old = ((out - engine.anchoring.anchor_of(net[2].weight)) @ basis).abs()  # each unit's drift along task 1's inputs
+    for unit, held in enumerate([held_old] * 2 + [unused_outputs] * 2):
+        if held:  # answers task 1's inputs as before
+            assert float(along_old[unit].max()) < 1e-4, unit
+        else:  # learned on every direction
+            assert float(along_old[unit].max()) > 1e-2, unit
     engine.detach()
 
 

@@ -259,6 +259,7 @@ class SSREngine:
         warm = self.task_step > cfg.warmup_steps
         if cfg.output_targets and self.protecting:
             self.protection.refresh_output_gates()  # they follow this task's targets so far
+            self.subspace.follow_targets(self.outputs, cfg.subspace_unused_outputs)
         with torch.no_grad():
             for st, batch in split_means(active, means):
                 st.seen += 1

@@ -289,6 +289,38 @@ class InputSubspace:
         self._sketches, self._energies, self._counts, self._omegas = {}, {}, {}, {}
         self._plan = None
 
+    def follow_targets(self, outputs: Mapping[str, LayerState], unused_outputs: bool = False) -> None:
+        """During a task (``output_targets``): leave out of the projection the output units that finished
+        tasks used and this task does not train toward (the old classes of a class-incremental task),
+        as the gates and the pull leave them; those it trains toward (a shared head) stay projected.
+        An output layer with no target counted yet keeps its mask; the plan is rebuilt only when a
+        mask changed.
+
+        Args:
+            outputs: the output layers' states, with their ``importance`` and this task's ``targets``.
+            unused_outputs: whether the units no finished task used are projected too
+                (``subspace_unused_outputs``).
+
+        Example:
+            >>> st, sub = LayerState("out", nn.Linear(2, 3)), InputSubspace(energy=0.5)
+            >>> st.importance[:2] = 1.0  # the first two classes were used by a finished task
+            >>> st.targets[1:] = 4.0  # this task trains toward the last two
+            >>> sub.follow_targets({"out": st})
+            >>> sub.units["out"].tolist()  # the first class is not a target any more, the third is new
+            [False, True, False]
+        """
+        if not self.enabled:
+            return
+        for name, st in outputs.items():
+            if float(st.targets.sum()) <= 0:
+                continue
+            used = st.importance > 0
+            projected = torch.ones_like(used) if unused_outputs else used
+            mask = (projected & ((st.targets > 0) | ~used)).cpu()
+            if name not in self.units or not torch.equal(self.units[name], mask):
+                self.units[name] = mask
+                self._plan = None
+
     def _extend(self, basis: Optional[Tensor], sketch: Tensor, omega: Tensor, total: float, inside: float) -> Tensor:
         """The basis with the task's leading new directions added until it holds ``energy`` of ``total``."""
         basis = sketch.new_zeros((sketch.shape[0], 0)) if basis is None else basis.detach().double().cpu()
