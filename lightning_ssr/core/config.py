@@ -191,11 +191,11 @@ class SSRConfig:
         output_targets: with ``protect_output``, output units are weighed by how often they are
             the *target* (read without labels from the sign of the loss gradient at the output:
             under cross-entropy each sample's one negative entry) instead of how often they win
-            the argmax, and a synapse into an output unit is gated, pulled and (with
-            ``subspace_energy``) projected only as much as the current task also trains toward the
-            unit (its share of the task's targets so far, updated every ``update_every`` steps):
-            the old classes' units are left free in a class-incremental stream, the shared units
-            stay protected in a domain-incremental one. Default: ``True``, chosen on validation
+            the argmax; a synapse into an output unit is gated and pulled only as much as the
+            current task also trains toward the unit (its share of the task's targets so far,
+            updated every ``update_every`` steps), and projected (``subspace_energy``) only if it
+            does at all: the old classes' units are left free in a class-incremental stream, the
+            shared units stay protected in a domain-incremental one. Default: ``True``, chosen on validation
             splits (README, "Old classes free of the projection"): freeing them from the projection
             too lifts Permuted MNIST 10 / 20 and Permuted digits class-incremental to 53.1 / 32.3 /
             92.3 % (48.2 / 31.3 / 89.0 projected; plain 36.5 / 28.9 / 9.9) and costs Split
