@@ -17,7 +17,8 @@ def test_callback_overhead_prints_pair_ratios_the_floor_and_the_time_inside_ssr(
     assert [r.split()[2] for r in rows] == ["task", "task"]  # task 1 and task 2
     for row in rows:
         ratios = [float(x) for x in re.findall(r"\d+\.\d{3}", row)]
-        assert len(ratios) == 8 and all(0 < r < 10 for r in ratios), row  # wall, cpu (with ranges), floor, in-SSR
+        # wall, cpu (with ranges), floor, in-SSR; 4 steps on a loaded machine can read 12x, so only a sanity bound
+        assert len(ratios) == 8 and all(0 < r < 50 for r in ratios), row
         assert re.search(r"(NOT )?met \(floor and in-SSR <= 1\.0[25]\)", row), row
 
 
