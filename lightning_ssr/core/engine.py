@@ -309,7 +309,8 @@ class SSREngine:
         self.set_overlap({})  # the next task pulls in full until its inputs are measured
         self.partial.new_task()
         self.sensor.follow()
-        self.recycling.after_task(self.layers.values(), self.model, self.tasks, self.config.recycle_shared_head)
+        self.recycling.after_task(self.layers.values(), self.model, self.tasks, self.config.recycle_shared_head,
+                                  self.outputs.values())
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
         free = not self.config.subspace_unused_outputs  # output units no finished task used stay free
