@@ -128,8 +128,7 @@ class Recycling:
         fed = {st.name: names.get(st.consumer[0], "") for st in layers if st.consumer is not None}
         shared = task > 1 and bool(fed) and fed == self.fed
         self.fed = fed
-        used = [st.importance > 0 for st in outputs]
-        room = task == 1 and any(bool(u.any()) and not bool(u.all()) for u in used)  # a head with classes to come
+        room = task == 1 and any(_partly_used(st) for st in outputs)  # a head with classes still to come
         if (shared or room) and not shared_too:
             self._undo = {}
             for st in layers:
@@ -214,6 +213,12 @@ def _set_incoming(st: LayerState, idx: Tensor, rows: Tensor, bias: Optional[Tens
         old["bias"] = mod.bias[dev_idx].cpu()
         mod.bias[dev_idx] = bias.to(mod.bias)
     return old
+
+
+def _partly_used(st: LayerState) -> bool:
+    """Whether some but not all of an output layer's units were used by a finished task."""
+    used = st.importance > 0
+    return bool(used.any()) and not bool(used.all())
 
 
 def _set_columns(weight: Tensor, n: int, idx: Tensor, value: Union[Tensor, float]) -> Tensor:
