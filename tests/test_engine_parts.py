@@ -374,6 +374,32 @@ def test_a_new_scale_derives_again_only_the_pull_of_its_own_parameter() -> None:
     assert pull() == pytest.approx([0.5, 0.5])
 
 
+def test_below_the_reference_learning_rate_a_scale_lifts_the_pull_only_as_far_as_the_projection_acts() -> None:
+    """A scale ``s`` (the input overlap's) lifts the pull in full at or above ``reference_lr``; below it,
+    where the projection removes only ``f = lr / reference_lr`` of the drift a step, the pull keeps
+    ``s + (1 - f) (1 - s)`` of its strength."""
+    from lightning_ssr.core.anchoring import Anchoring
+
+    p = nn.Parameter(torch.zeros(1, 2))
+    anchoring = Anchoring(rate=0.5, reference_lr=0.1)
+    anchoring.set_anchors([p])
+    anchoring.set_scales({id(p): 0.2})
+    optimizer = torch.optim.SGD([p], lr=0.1)
+
+    def removed() -> float:
+        """The fraction of its distance to the anchor one pull removes."""
+        with torch.no_grad():
+            p.fill_(1.0)
+        anchoring.pull([(p, None, torch.zeros(1, 1))], optimizer)
+        return 1.0 - float(p.detach()[0, 0])
+
+    assert removed() == pytest.approx(0.5 * 0.2)  # at the reference: the scale as is
+    optimizer.param_groups[0]["lr"] = 0.025  # f = 0.25
+    assert removed() == pytest.approx(0.5 * 0.25 * (0.2 + 0.75 * 0.8))
+    anchoring.set_scales({})
+    assert removed() == pytest.approx(0.5 * 0.25)  # no scale: the pull shrinks with f alone
+
+
 def test_the_pull_follows_new_gates_learning_rates_and_storage() -> None:
     from lightning_ssr.core.anchoring import Anchoring
 

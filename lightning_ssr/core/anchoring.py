@@ -96,15 +96,19 @@ class Anchoring:
         self._plan = None
 
     def set_scales(self, scales: Mapping[int, float]) -> None:
-        """Scale the pull of each parameter (by ``id``) by a factor in ``[0, 1]`` (``1`` for those not
+        """Scale the pull of each parameter (by ``id``) by a factor ``s`` in ``[0, 1]`` (``1`` for those not
         named), e.g. by its layer's input overlap (``overlap_power``); :meth:`pull` derives a
-        parameter's weights again only when its own factor changed."""
+        parameter's weights again only when its own factor changed.
+
+        Below ``reference_lr``, where input-subspace protection's projection also removes only
+        ``f = lr / reference_lr`` of the drift per step, the scale lifts the pull only as far:
+        ``s + (1 - f) (1 - s)`` (``s`` at or above it, ``1`` as ``f`` goes to 0)."""
         self._scales = {i: float(v) for i, v in scales.items() if float(v) != 1.0}
 
     def pull(self, cache: Iterable[CacheEntry], optimizer: Optional[torch.optim.Optimizer] = None,
              steps: int = 1) -> None:
         """After an optimizer step: ``p <- p + rate * factor * scale * (1 - gate) * (anchor - p)``, in place
-        (``scale`` from :meth:`set_scales`).
+        (``scale`` from :meth:`set_scales`, lifted less below ``reference_lr``).
 
         Args:
             cache: the gated parameters with their gates.
@@ -154,7 +158,9 @@ class Anchoring:
             lr = self.reference_lr if group is None else float(group["lr"])
             factor = lr_factor(lr, self.reference_lr)  # the factor the plan's settings hold for p's group
         self.lr_factors[id(p)] = factor
-        w = (self.rate * factor * self._scales.get(id(p), 1.0)) * (1.0 - gate)
+        scale = self._scales.get(id(p), 1.0)
+        scale += (1.0 - factor) * (1.0 - scale)  # below the reference the projection acts less: so does the lift
+        w = (self.rate * factor * scale) * (1.0 - gate)
         return as_view(p, shape), as_view(anchor, shape), w if steps == 1 else 1.0 - (1.0 - w) ** steps
 
     def check(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
