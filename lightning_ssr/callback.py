@@ -50,11 +50,11 @@ class SynapticScaling(Callback):
     layer's output, so module and functional activations work alike. After every real optimizer
     step (none under gradient accumulation's intermediate batches or when AMP skips a step) the
     shared :class:`~lightning_ssr.core.engine.SSREngine` updates each neuron's long-run activity,
-    and with ``scaling_rate > 0`` (off by default: it measured no gain beside the protection) scales
-    its incoming weights toward its set point:
+    and scales up the incoming weights of each neuron whose activity fell below its set point
+    (``scaling_rate=0.1``; with ``scale_down=True`` also down, the proposal's symmetric rule):
 
     .. math::
-        w_{ij} \leftarrow w_{ij} \cdot \mathrm{clip}\big(1 + \eta_{scale}(s_i - \bar a_i),\ 1 \pm m\big)
+        w_{ij} \leftarrow w_{ij} \cdot \mathrm{clip}\big(1 + \eta_{scale}(s_i - \bar a_i),\ 1,\ 1 + m\big)
 
     At the end of each ``fit`` (one ``fit`` per task, with the same callback) or on
     :meth:`consolidate`, what each neuron carried becomes its importance; while later tasks train,

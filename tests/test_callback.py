@@ -85,7 +85,8 @@ def _trainer(callbacks, tmp_path: Path | None = None, **kwargs) -> L.Trainer:
 )
 def test_callback_moves_activity_toward_set_point(make, shape) -> None:
     model = Classifier(make(), lr=0.0)  # no task learning: only homeostasis acts
-    cb = SynapticScaling(scaling_rate=1.0, set_point=0.02, warmup_steps=0, max_change=0.05, tau=1.0, update_every=1)
+    cb = SynapticScaling(scaling_rate=1.0, set_point=0.02, warmup_steps=0, max_change=0.05, tau=1.0, update_every=1,
+                         scale_down=True)
     loader = _loader(shape=shape)
     x = next(iter(loader))[0]
     first = next(m for m in model.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
@@ -99,10 +100,10 @@ def test_callback_moves_activity_toward_set_point(make, shape) -> None:
     assert cb.engine.step == 3 * 8
 
 
-@pytest.mark.parametrize("scaling_rate", [None, 0.1])
-def test_the_first_task_trains_as_without_the_callback_unless_scaling_is_switched_on(scaling_rate) -> None:
-    """With the defaults (homeostatic scaling off) nothing is protected on the first task, so the callback
-    only senses: the weights end bitwise as a plain fit's. ``scaling_rate=0.1`` moves them."""
+@pytest.mark.parametrize("scaling", [{"scaling_rate": 0.0}, {"scale_down": True}], ids=["no-scaling", "both-ways"])
+def test_the_first_task_trains_as_without_the_callback_unless_scaling_acts(scaling) -> None:
+    """Without homeostatic scaling nothing is protected on the first task, so the callback only senses: the
+    weights end bitwise as a plain fit's. Scaling that acts (here both ways) moves them."""
     def fit(callbacks: list) -> nn.Module:
         torch.manual_seed(0)
         model = Classifier(tiny_mlp())
@@ -110,12 +111,11 @@ def test_the_first_task_trains_as_without_the_callback_unless_scaling_is_switche
         return model.net
 
     plain = fit([])
-    kwargs = {} if scaling_rate is None else {"scaling_rate": scaling_rate}
-    cb = SynapticScaling(consolidate_on_fit_end=False, update_every=2, warmup_steps=2, **kwargs)
+    cb = SynapticScaling(consolidate_on_fit_end=False, update_every=2, warmup_steps=2, **scaling)
     with_ssr = fit([cb])
     assert cb.engine.step == 24 and cb.engine.layers["net.0"].seen > 0  # it sensed and updated
     same = [torch.equal(a, b) for a, b in zip(with_ssr.parameters(), plain.parameters())]
-    assert all(same) if scaling_rate is None else not all(same)
+    assert all(same) if scaling.get("scaling_rate") == 0.0 else not all(same)
 
 
 def test_updates_only_when_the_optimizer_stepped() -> None:

@@ -181,7 +181,7 @@ def test_resolve_methods_adds_the_baselines_of_each_runner() -> None:
     assert [m.name for m in resolve_methods("ssr", "class")] == ["naive-lightning", "ssr"]
     assert [m.name for m in resolve_methods("pnn,ewc", "task")] == ["naive", "ewc", "pnn"]
     names = [m.name for m in resolve_methods("ablations", "domain")]
-    assert "ssr-scaling" in names and "ssr-no-consolidation" in names and "ssr-plugin" not in names
+    assert "ssr-no-scaling" in names and "ssr-no-consolidation" in names and "ssr-plugin" not in names
 
 
 def test_state_bytes_counts_what_a_plugin_keeps_beyond_the_model() -> None:
@@ -204,8 +204,8 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
 
     names = [m.name for m in resolve_methods("ablations", "domain")]
     assert {"ssr", "ssr-update", "ssr-fixed-strength", "ssr-capacity", "ssr-fixed-pull", "ssr-no-recycle",
-            "ssr-recycle-shared", "ssr-recycle-zero", "ssr-full-partial", "ssr-scaling", "ssr-no-subspace", "ssr-every-step",
-            "ssr-no-overlap"} <= set(names)
+            "ssr-recycle-shared", "ssr-recycle-zero", "ssr-full-partial", "ssr-no-scaling", "ssr-scaling-both", "ssr-no-subspace",
+            "ssr-every-step", "ssr-no-overlap"} <= set(names)
     assert "ssr-replay" not in names and "ssr-plugin" not in names
     assert METHODS["ssr-update"].base == {"protection": "update"}
     assert METHODS["ssr-capacity"].base == {"min_plasticity": 0.5}
@@ -218,7 +218,9 @@ def test_ablations_switch_one_part_each_and_ssr_replay_shares_replays_buffers() 
     assert METHODS["ssr-no-subspace"].base == {"subspace_energy": 0.0}
     assert METHODS["ssr-every-step"].base == {"protect_every": 1}
     assert METHODS["ssr-no-overlap"].base == {"overlap_power": 0.0}
-    assert METHODS["ssr-scaling"].base == {"scaling_rate": 0.1}
+    assert METHODS["ssr-no-scaling"].base == {"scaling_rate": 0.0}
+    assert METHODS["ssr-scaling-both"].base == {"scale_down": True}
+    assert METHODS["ssr-replay"].base["scaling_rate"] == 0.0  # measured beside replay without scaling
     assert METHODS["ssr-replay"].base["protect_every"] == 1  # beside a buffer the pull runs every step
     assert [g["mem_size"] for g in METHODS["ssr-replay"].grid] == [g["mem_size"] for g in METHODS["replay"].grid]
 

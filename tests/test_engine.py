@@ -130,7 +130,8 @@ def test_sensing_matches_hand_computed_mean_and_ignores_eval() -> None:
 @pytest.mark.parametrize("target", [0.05, 2.0], ids=["too-active", "too-quiet"])
 def test_scaling_moves_activity_toward_set_point(make, target: float) -> None:
     net = make()
-    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=target, warmup_steps=0, max_change=0.05, tau=1.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=target, warmup_steps=0, max_change=0.05, tau=1.0,
+                                      scale_down=True))
     engine.attach()
     x = torch.randn(64, 8)
     first = next(iter(engine.layers.values()))
@@ -149,7 +150,7 @@ def test_scaling_moves_activity_toward_set_point(make, target: float) -> None:
 
 def test_scaling_is_multiplicative_and_keeps_relative_strengths() -> None:
     net = tiny_mlp()
-    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=0.01, warmup_steps=0, tau=1.0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=0.01, warmup_steps=0, tau=1.0, scale_down=True))
     engine.attach()
     w0 = net[0].weight.detach().clone()
     _train_steps(engine, net, 5, torch.randn(16, 8))
@@ -162,7 +163,7 @@ def test_scaling_is_multiplicative_and_keeps_relative_strengths() -> None:
 
 def test_conv_layers_scale_per_channel() -> None:
     net = tiny_cnn()
-    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=0.0, warmup_steps=0))
+    engine = SSREngine(net, SSRConfig(update_every=1, scaling_rate=1.0, set_point=0.0, warmup_steps=0, scale_down=True))
     engine.attach()
     w0 = net[0].weight.detach().clone()
     _train_steps(engine, net, 3, torch.randn(8, 1, 8, 8))

@@ -350,6 +350,22 @@ def test_a_pull_over_k_steps_removes_what_k_pulls_in_a_row_would() -> None:
     assert_close(params[1].detach()[:, 0], torch.tensor([1.0 + 0.7 ** 3, 1.0 + 0.85 ** 3]))
 
 
+@pytest.mark.parametrize("down", [False, True])
+def test_by_default_only_neurons_below_their_set_point_are_scaled(down: bool) -> None:
+    """One-sided scaling (the default): a neuron more active than its set point keeps its weights, a quieter
+    one scales them up; ``scale_down=True`` also scales the first down (the proposal's symmetric rule)."""
+
+    lin = nn.Linear(3, 2)
+    st = LayerState("0", lin)
+    st.activity.copy_(torch.tensor([0.5, 0.0]))
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    with torch.no_grad():
+        Homeostasis(SSRConfig(set_point=0.1, scaling_rate=1.0, max_change=0.02, scale_down=down)).step(st, warm=True)
+    assert_close(lin.weight.detach(), w * torch.tensor([[0.98 if down else 1.0], [1.02]]))
+    assert_close(lin.bias.detach(), b * torch.tensor([0.98 if down else 1.0, 1.02]))
+    assert SSRConfig().scaling_rate == 0.1 and SSRConfig().scale_down is False
+
+
 def test_a_new_scale_derives_again_only_the_pull_of_its_own_parameter() -> None:
     from lightning_ssr.core.anchoring import Anchoring
 

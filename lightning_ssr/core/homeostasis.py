@@ -33,7 +33,7 @@ class Homeostasis:
         >>> st = LayerState("0", lin)
         >>> st.activity.fill_(0.5)
         tensor([0.5000, 0.5000])
-        >>> h = Homeostasis(SSRConfig(set_point=0.1, scaling_rate=1.0, max_change=0.02))
+        >>> h = Homeostasis(SSRConfig(set_point=0.1, scaling_rate=1.0, max_change=0.02, scale_down=True))
         >>> w = lin.weight.detach().clone()
         >>> with torch.no_grad():
         ...     h.step(st, warm=True)
@@ -114,7 +114,7 @@ class Homeostasis:
         w = mod.weight
         factor = torch.ones_like(st.activity)
         if cfg.scaling_rate > 0 and (st.has_set_point or cfg.set_point == "layer_mean"):
-            factor = rules.scaling_factor(st.activity, set_point, cfg.scaling_rate, cfg.max_change)
+            factor = rules.scaling_factor(st.activity, set_point, cfg.scaling_rate, cfg.max_change, cfg.scale_down)
         if cfg.norm_rate > 0:
             norms = weight_rows(w.detach(), mod).float().norm(dim=1)
             if not st.has_norm_target:

@@ -117,20 +117,23 @@ def ema_update(average: Tensor, value: Tensor, steps_seen: int, tau: float) -> T
     return average.lerp_(value, weight)
 
 
-def scaling_factor(activity: Tensor, set_point: Tensor, rate: float, max_change: float) -> Tensor:
+def scaling_factor(activity: Tensor, set_point: Tensor, rate: float, max_change: float, down: bool = True) -> Tensor:
     """The proposal's multiplicative factor ``f_i = 1 + rate * (s_i - a_i)``, bounded.
 
     Too active (``a > s``): ``f < 1``, the neuron's incoming weights shrink; too quiet: they grow.
-    The result lies in ``[1 - max_change, 1 + max_change]``.
+    The result lies in ``[1 - max_change, 1 + max_change]``; with ``down=False`` in ``[1, 1 +
+    max_change]``: only neurons below their set point are scaled (up).
 
     Example:
         >>> scaling_factor(torch.tensor([0.3, 0.0]), torch.tensor([0.1, 0.1]), 0.5, 0.02)
         tensor([0.9800, 1.0200])
         >>> scaling_factor(torch.tensor([0.12]), torch.tensor([0.1]), 0.5, 0.02)
         tensor([0.9900])
+        >>> scaling_factor(torch.tensor([0.3, 0.0]), torch.tensor([0.1, 0.1]), 0.5, 0.02, down=False)
+        tensor([1.0000, 1.0200])
     """
     f = 1.0 + rate * (set_point - activity)
-    return f.clamp_(1.0 - max_change, 1.0 + max_change)
+    return f.clamp_(1.0 if not down else 1.0 - max_change, 1.0 + max_change)
 
 
 def norm_factor(norms: Tensor, target: Tensor, rate: float, max_change: float, eps: float) -> Tensor:
