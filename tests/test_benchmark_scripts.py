@@ -100,3 +100,16 @@ def test_choose_defaults_scores_baselines_beside_the_candidates() -> None:
 def test_choose_defaults_refuses_baselines_it_cannot_run(argv: list[str], message: str) -> None:
     out = subprocess.run([sys.executable, "benchmarks/choose_defaults.py", *argv], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_hidden_activity_prints_each_hidden_layer_after_each_task() -> None:
+    out = run_script("benchmarks/hidden_activity.py", "--stream", "digits-class", "--methods", "ssr",
+                     "--config", '{"scaling_rate": 0.0}')
+    rows = re.findall(r"^task +(\d+): accuracy (\d\.\d+), old answers (\d\.\d+) \| hidden 1: active (\d\.\d+) "
+                      r"mean (\d\.\d+) nearest-mean (\d\.\d+) \| hidden 2: ", out, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5], out  # one line per task of the five
+    assert all(0.5 < float(r[1]) <= 1.0 and 0.0 < float(r[3]) <= 1.0 for r in rows), rows
+    assert re.search(r"^average accuracy \d+\.\d %, plasticity \d+\.\d %$", out, re.M), out
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, "benchmarks/hidden_activity.py", "--methods", "ewc"], cwd=ROOT, check=True,
+                       capture_output=True)
