@@ -31,7 +31,11 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_ssr.bench.runner import RunSettings
+    from lightning_ssr.data import ContinualBenchmark
 
 _ANCHOR = {"protection": "anchor", "anchor_rate": 0.1}
 #: name -> SSR keyword arguments on top of the library defaults: the last round of the choice of
@@ -63,6 +67,19 @@ class Stream:
     iterations: int | None = None
     pad: int = 0
     test_subset: int | None = None
+
+    def validation(self) -> tuple[ContinualBenchmark, RunSettings]:
+        """The stream's validation benchmark (every training experience split 80/20, seed 0) and the
+        budget every method gets on it."""
+        from lightning_ssr.bench.runner import RunSettings, validation_benchmark
+        from lightning_ssr.data import make_benchmark
+
+        bench = make_benchmark(self.dataset, self.protocol, self.scenario, self.tasks, seed=0,
+                               train_subset=self.train_subset, test_subset=self.test_subset, pad=self.pad)
+        hidden = self.hidden or (1000 if self.protocol == "permuted" else 400)
+        return validation_benchmark(bench, 0.2, seed=0), RunSettings(
+            hidden=hidden, epochs=self.epochs, batch_size=32 if self.dataset == "digits" else 128, lr=self.lr,
+            iterations=self.iterations)
 
 
 STREAMS: dict[str, Stream] = {s.name: s for s in (
@@ -100,18 +117,12 @@ def run(streams: list[Stream], candidates: dict[str, dict[str, Any]], seeds: int
         baselines: tuple[str, ...] = ()) -> dict[str, Any]:
     from lightning_ssr.bench.command import quiet_warnings
     from lightning_ssr.bench.methods import METHODS, Method
-    from lightning_ssr.bench.runner import RunSettings, run_method, validation_benchmark
-    from lightning_ssr.data import make_benchmark
+    from lightning_ssr.bench.runner import run_method
 
     quiet_warnings()
     out: dict[str, Any] = {}
     for st in streams:
-        bench = make_benchmark(st.dataset, st.protocol, st.scenario, st.tasks, seed=0, train_subset=st.train_subset,
-                               test_subset=st.test_subset, pad=st.pad)
-        val = validation_benchmark(bench, 0.2, seed=0)
-        hidden = st.hidden or (1000 if st.protocol == "permuted" else 400)
-        s = RunSettings(hidden=hidden, epochs=st.epochs, batch_size=32 if st.dataset == "digits" else 128,
-                        lr=st.lr, iterations=st.iterations)
+        val, s = st.validation()
         rows: dict[str, Any] = {}
         methods = [("naive", METHODS["naive-lightning"], {})]
         methods += [(b, METHODS[b], METHODS[b].candidates(1)[0]) for b in baselines]  # the bench's first setting

@@ -83,16 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_ssr.bench import runner
     from lightning_ssr.bench.command import quiet_warnings
     from lightning_ssr.bench.methods import METHODS, Method
-    from lightning_ssr.data import make_benchmark
 
     quiet_warnings()
     torch.set_flush_denormal(True)  # as the bench does for every method
-    st = STREAMS[args.stream]
-    bench = make_benchmark(st.dataset, st.protocol, st.scenario, st.tasks, seed=0, train_subset=st.train_subset,
-                           test_subset=st.test_subset, pad=st.pad)
-    val = runner.validation_benchmark(bench, 0.2, seed=0)
-    s = runner.RunSettings(hidden=st.hidden or (1000 if st.protocol == "permuted" else 400), epochs=st.epochs,
-                           batch_size=32 if st.dataset == "digits" else 128, lr=st.lr, iterations=st.iterations)
+    val, s = STREAMS[args.stream].validation()
     fit_stream = runner.fit_stream
     for name in methods:
         print(f"{args.stream}, {'plain training' if name == 'naive' else 'SSR ' + args.config}, seed {args.seed}",
