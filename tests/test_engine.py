@@ -356,8 +356,9 @@ def test_state_is_o_neurons_and_round_trips() -> None:
     engine.consolidate()
     neurons = sum(st.n for st in [*engine.layers.values(), *engine.outputs.values()])
     units = sum(st.n for st in engine.outputs.values())
-    # nine float32 vectors per neuron (and output unit), two more per output unit for its target counts
-    assert engine.extra_state_bytes() == (neurons * 9 + units * 2) * 4
+    # nine float32 vectors per neuron (and output unit), four more per output unit for its target and
+    # gradient-reach counts
+    assert engine.extra_state_bytes() == (neurons * 9 + units * 4) * 4
     state = engine.state_dict()
     other = SSREngine(tiny_mlp(hidden=16), SSRConfig(update_every=1, scaling_rate=0.5, protection="update"))
     other.load_state_dict(state)
@@ -380,8 +381,9 @@ def test_reduce_fn_sees_one_flat_float32_tensor() -> None:
     engine = SSREngine(net, SSRConfig(update_every=1, tau=1.0), reduce_fn=reduce)
     engine.attach()
     _train_steps(engine, net, 1, torch.randn(4, 8))
-    # two layers and the output's activity, and the output's target counts (output_targets)
-    assert len(seen) == 1 and seen[0].dtype == torch.float32 and seen[0].numel() == 16 + 16 + 3 + 3
+    # two layers and the output's activity, and the output's target and gradient-reach counts (output_targets)
+    assert len(seen) == 1 and seen[0].dtype == torch.float32 and seen[0].numel() == 16 + 16 + 3 + 3 + 3
+    assert_close(engine.outputs["4"].reached, torch.ones(3))  # the reduced counts, in one collective
     assert_close(engine.layers["0"].activity, torch.ones(16))
 
 

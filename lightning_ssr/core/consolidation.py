@@ -71,6 +71,7 @@ class Consolidation:
         st.task_activity.zero_()
         st.task_grad.zero_()
         st.targets.zero_()
+        st.reached.zero_()
         st.task_steps = 0
         st.seen = 0
 

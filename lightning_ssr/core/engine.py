@@ -38,7 +38,7 @@ from lightning_ssr.core.layers import DEFAULT_LAYER_TYPES, find_layers, find_out
 from lightning_ssr.core.partial import PartialBatches
 from lightning_ssr.core.persistence import engine_state, load_engine_state
 from lightning_ssr.core.protection import Protection
-from lightning_ssr.core.recycling import Recycling
+from lightning_ssr.core.recycling import Recycling, trained_apart
 from lightning_ssr.core.sensing import ActivitySensor, ReduceFn, check_sensed, split_means
 from lightning_ssr.core.state import LayerState
 from lightning_ssr.core.subspace import InputSubspace
@@ -301,6 +301,7 @@ class SSREngine:
             self._project()  # the task ends projected whatever protect_every
         if self.sensor.pending():
             self._update(scale=False)  # fold in what was sensed since the last update
+        apart = trained_apart(self.outputs.values())  # read before the fold resets the task's counts
         with torch.no_grad():
             for st in self.sensor.states():
                 self.consolidation.fold(st, by_grad=self.consolidation.by_gradient and st.name in self.layers)
@@ -310,7 +311,7 @@ class SSREngine:
         self.partial.new_task()
         self.sensor.follow()
         self.recycling.after_task(self.layers.values(), self.model, self.tasks, self.config.recycle_shared_head,
-                                  self.outputs.values())
+                                  self.outputs.values(), apart)
         self._consolidated = {id(p) for p in self.model.parameters()}
         self._refresh_gates()
         free = not self.config.subspace_unused_outputs  # output units no finished task used stay free

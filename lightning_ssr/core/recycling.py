@@ -49,7 +49,7 @@ from lightning_ssr.core.layers import weight_rows
 from lightning_ssr.core.state import LayerState
 from lightning_ssr.core.validation import check_choice
 
-__all__ = ["OUTGOING_RULES", "Recycling"]
+__all__ = ["OUTGOING_RULES", "Recycling", "trained_apart"]
 
 #: What ``recycle_outgoing`` may say a recycled neuron's outgoing weights become.
 OUTGOING_RULES = ("keep", "zero")
@@ -103,7 +103,7 @@ class Recycling:
         return torch.nonzero(st.importance < self.below).flatten()
 
     def after_task(self, layers: Iterable[LayerState], model: nn.Module, task: int, shared_too: bool,
-                   outputs: Iterable[LayerState] = ()) -> int:
+                   outputs: Iterable[LayerState] = (), apart: bool = False) -> int:
         """Task ``task`` ended: recycle, unless the tasks share one head and this is not the first task,
         or this is the first task and an output layer it used has units it never used (a
         class-incremental head; a head it did not use at all, another task's, does not count).
@@ -111,7 +111,8 @@ class Recycling:
         The tasks share a head when every tracked layer feeds the same modules (its consumer, by
         name) as at the last task's end (domain- and class-incremental); with a new head per task
         (task-incremental) the last layer feeds a new module each time. Where no consumer was found,
-        nothing is known and recycling runs.
+        nothing is known and recycling runs. A task trained ``apart`` (:func:`trained_apart`: its
+        own block of one output layer, as task-incremental heads in one ``Linear``) counts as a new head.
 
         Args:
             layers: the tracked layers.
@@ -119,6 +120,8 @@ class Recycling:
             task: the number of finished tasks.
             shared_too: ``recycle_shared_head``: recycle after every task whatever the head.
             outputs: the output layers' states (their units' importance), if sensed.
+            apart: the task trained its own block of an output layer (:func:`trained_apart`, read
+                before the task's counts were folded).
 
         Returns:
             How many neurons were recycled in all.
@@ -129,7 +132,7 @@ class Recycling:
         shared = task > 1 and bool(fed) and fed == self.fed
         self.fed = fed
         room = task == 1 and any(_partly_used(st) for st in outputs)  # a head with classes still to come
-        if (shared or room) and not shared_too:
+        if (shared or room) and not (shared_too or apart):
             self._undo = {}
             for st in layers:
                 st.recycled = 0
@@ -213,6 +216,33 @@ def _set_incoming(st: LayerState, idx: Tensor, rows: Tensor, bias: Optional[Tens
         old["bias"] = mod.bias[dev_idx].cpu()
         mod.bias[dev_idx] = bias.to(mod.bias)
     return old
+
+
+def trained_apart(outputs: Iterable[LayerState]) -> bool:
+    """Whether the task's loss gradient reached, on an output layer that counts its targets, exactly
+    the units the task trained toward and not every unit: each task trains its own block of one
+    output layer (task-incremental heads in one ``Linear``, the logits masked to the task's units).
+
+    A class-incremental head also pushes the other classes' units down, a domain-incremental one
+    trains toward every unit: neither counts. A head masked to the classes seen so far reads as
+    apart on its first task only.
+
+    Example:
+        >>> from torch import nn
+        >>> st = LayerState("head", nn.Linear(4, 6))
+        >>> st.count_targets = True
+        >>> st.targets[2:4], st.reached[2:4] = 0.5, 9.0  # the task trained units 2 and 3, reached no other
+        >>> trained_apart([st])
+        True
+        >>> st.reached[0] = 1.0  # an old class's unit pushed down: class-incremental
+        >>> trained_apart([st])
+        False
+    """
+    for st in outputs:
+        reached = st.reached > 0
+        if st.count_targets and bool(reached.any()) and not bool(reached.all()) and torch.equal(reached, st.targets > 0):
+            return True
+    return False
 
 
 def _partly_used(st: LayerState) -> bool:

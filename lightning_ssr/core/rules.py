@@ -20,6 +20,7 @@ __all__ = [
     "ema_update",
     "scaling_factor",
     "target_counts",
+    "gradient_reach",
     "norm_factor",
     "relative_importance",
     "protection_gate",
@@ -97,6 +98,23 @@ def target_counts(grad: Tensor, channel_dim: int) -> Tensor:
     cdim = channel_dim % g.dim()
     dims = [d for d in range(g.dim()) if d != cdim]
     return (g < 0).sum(dim=dims).float().div_(max(g.numel() // g.shape[cdim], 1))
+
+
+def gradient_reach(grad: Tensor, channel_dim: int) -> Tensor:
+    """Which units along ``channel_dim`` the loss gradient reached (nonzero anywhere), as float32 0/1:
+    a head masked to the current task's units (task-incremental heads in one layer) gives the other
+    units exactly zero.
+
+    Example:
+        >>> z, y = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]]), torch.tensor([1, 0])
+        >>> masked = lambda t: torch.nn.functional.cross_entropy(t[:, :2], y)  # unit 2 is another task's
+        >>> gradient_reach(torch.autograd.functional.jacobian(masked, z), -1)
+        tensor([1., 1., 0.])
+    """
+    g = grad.detach()
+    cdim = channel_dim % g.dim()
+    dims = [d for d in range(g.dim()) if d != cdim]
+    return (g != 0).sum(dim=dims).clamp_(max=1).float()
 
 
 def ema_update(average: Tensor, value: Tensor, steps_seen: int, tau: float) -> Tensor:

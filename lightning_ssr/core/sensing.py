@@ -148,6 +148,7 @@ class ActivitySensor:
                 if output_layer and st.count_targets and output.requires_grad:
                     def count_targets(grad: Tensor) -> None:  # reads the gradient, returns nothing
                         st.target_acc.add_(rules.target_counts(grad, cdim))
+                        st.reach_acc.add_(rules.gradient_reach(grad, cdim))
 
                     output.register_hook(count_targets)
             if live:  # the penalty needs this step's differentiable activity, sensed or not
@@ -183,7 +184,7 @@ class ActivitySensor:
         if not active:
             return None
         counting = [st for st in self.outputs.values() if st.count_targets]
-        parts = [st.acc / st.acc_count for st in active] + [st.target_acc for st in counting]
+        parts = [st.acc / st.acc_count for st in active] + [t for st in counting for t in (st.target_acc, st.reach_acc)]
         flat = torch.cat(parts + ([] if extra is None else [extra.to(parts[0].device)]))
         if reduce_fn is not None:
             flat = reduce_fn(flat)  # one collective for the activity, the targets and the caller's sums alike
@@ -191,9 +192,13 @@ class ActivitySensor:
         if extra is not None:
             extra.copy_(flat[flat.numel() - extra.numel():])
             flat = flat[:flat.numel() - extra.numel()]
-        for st, part in split_means(counting, flat[size:]):
-            st.targets.add_(part)
+        offset = size
+        for st in counting:  # each counting layer's targets, then its reach
+            st.targets.add_(flat[offset:offset + st.n])
+            st.reached.add_(flat[offset + st.n:offset + 2 * st.n])
+            offset += 2 * st.n
             st.target_acc.zero_()
+            st.reach_acc.zero_()
         for st in active:
             st.acc.zero_()
             st.acc_count = 0

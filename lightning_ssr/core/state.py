@@ -17,7 +17,7 @@ __all__ = ["LayerState", "STATE_FIELDS", "TARGET_FIELDS"]
 STATE_FIELDS = ("acc", "activity", "set_point", "norm_target", "task_activity", "task_grad",
                 "importance", "anchor", "factor")
 #: Per-unit tensors of output layers that count targets (``output_targets``) on top.
-TARGET_FIELDS = ("target_acc", "targets")
+TARGET_FIELDS = ("target_acc", "targets", "reach_acc", "reached")
 _COUNTERS = ("acc_count", "seen", "task_steps")
 _FLAGS = ("has_set_point", "has_norm_target")
 
@@ -33,6 +33,8 @@ class LayerState:
         task_activity / task_grad: sums over the current task, for importance.
         target_acc / targets: output layers with ``output_targets``: each unit's share of the
             targets since the last flush, and over the current task (reduced across processes).
+        reach_acc / reached: the same layers: on how many sensed steps the loss gradient reached
+            each unit, since the last flush and over the current task.
         importance: accumulated importance over finished tasks.
         anchor: mean activity on the last finished task (the penalty's reference).
         factor: the last combined scale factor applied (for diagnostics).
@@ -59,6 +61,9 @@ class LayerState:
         #: Output layers with ``output_targets``: how often each unit was the target, since the last
         #: flush (``target_acc``) and over the current task so far (``targets``, reduced across processes).
         self.target_acc, self.targets = zeros(), zeros()
+        #: The same layers: on how many sensed steps the loss gradient reached each unit (nonzero), since
+        #: the last flush and over the current task: a head masked to each task's own units reaches no other.
+        self.reach_acc, self.reached = zeros(), zeros()
         self.count_targets = False
         self.set_point, self.norm_target = nans(), nans()
         self.factor = torch.ones(self.n, dtype=torch.float32, device=dev)
