@@ -7,7 +7,7 @@ The hooks are registered only for the optimizer steps that sense (one in ``sense
 other steps' forwards run without them. Output layers are sensed too, with "fires when it wins
 the argmax" as their activity, and with ``output_targets`` also by how often each unit is the
 target (the one entry per sample where the loss gradient at the output is negative, as under
-cross-entropy), counted in a gradient hook.
+cross-entropy) and which units the gradient reached at all, counted in a gradient hook.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class ActivitySensor:
         observe_input: called with each hooked layer and its input on the sensed forwards
             (:class:`~lightning_ssr.core.subspace.InputSubspace` reads a few rows).
         count_targets: also count, on the output layers, how often each unit is the target
-            (:func:`~lightning_ssr.core.rules.target_counts`, in a gradient hook); the counts
-            travel in the same flush and add up in each output state's ``targets``.
+            (:func:`~lightning_ssr.core.rules.target_counts`, in a gradient hook) and which units
+            the loss gradient reached (:func:`~lightning_ssr.core.rules.gradient_reach`); the counts
+            travel in the same flush and add up in each output state's ``targets`` and ``reached``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
