@@ -281,3 +281,27 @@ def test_fused_adam_trains_the_same_stream_as_the_default_one(benches) -> None:
     assert sum(runs[0].accuracy, []) == pytest.approx(sum(runs[1].accuracy, []), abs=0.03)
     assert runs[1].average_accuracy > 0.6  # it learned
     assert len(runs[1].train_cpu_s) == bench.n_tasks and all(t > 0 for t in runs[1].train_cpu_s)
+
+
+def test_heads_in_one_linear_recycle_after_every_task_as_a_head_per_task(benches) -> None:
+    """Task-incremental heads in one Linear (``FixedHeadsMLP``: the loss reaches only the task's own
+    block) read as a new head per task through the callback: recycled after every task; a
+    class-incremental head with classes still to come recycles after none."""
+    from lightning_ssr import SynapticScaling
+
+    def recycled_per_task(bench, model: nn.Module, task_labels: bool) -> list[int]:
+        cb, counts = SynapticScaling(), []
+
+        class Count(Callback):  # after SSR's own on_fit_end, which consolidates and recycles
+            def on_fit_end(self, trainer, pl_module) -> None:
+                counts.append(sum(st.recycled for st in cb.engine.layers.values()))
+
+        fit_stream(ClassifierModule(model, lr=1e-2, task_labels=task_labels), bench, callbacks=[cb, Count()],
+                   epochs=2, batch_size=20, trainer_kwargs=CPU)
+        return counts
+
+    torch.manual_seed(0)
+    task = recycled_per_task(benches["task"], FixedHeadsMLP(), task_labels=True)
+    assert len(task) == 5 and min(task) > 0
+    torch.manual_seed(0)
+    assert recycled_per_task(benches["class"], _model(benches["class"]), task_labels=False) == [0] * 5
