@@ -51,7 +51,7 @@ class SynapticScaling(Callback):
     step (none under gradient accumulation's intermediate batches or when AMP skips a step) the
     shared :class:`~lightning_ssr.core.engine.SSREngine` updates each neuron's long-run activity,
     and scales up the incoming weights of each neuron whose activity fell below its set point
-    (``scaling_rate=0.1``; with ``scale_down=True`` also down, the proposal's symmetric rule):
+    (``scaling_rate=1.0``; with ``scale_down=True`` also down, the proposal's symmetric rule):
 
     .. math::
         w_{ij} \leftarrow w_{ij} \cdot \mathrm{clip}\big(1 + \eta_{scale}(s_i - \bar a_i),\ 1,\ 1 + m\big)

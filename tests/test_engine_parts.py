@@ -363,7 +363,7 @@ def test_by_default_only_neurons_below_their_set_point_are_scaled(down: bool) ->
         Homeostasis(SSRConfig(set_point=0.1, scaling_rate=1.0, max_change=0.02, scale_down=down)).step(st, warm=True)
     assert_close(lin.weight.detach(), w * torch.tensor([[0.98 if down else 1.0], [1.02]]))
     assert_close(lin.bias.detach(), b * torch.tensor([0.98 if down else 1.0, 1.02]))
-    assert SSRConfig().scaling_rate == 0.1 and SSRConfig().scale_down is False
+    assert SSRConfig().scaling_rate == 1.0 and SSRConfig().scale_down is False
 
 
 def test_a_new_scale_derives_again_only_the_pull_of_its_own_parameter() -> None:
