@@ -309,7 +309,7 @@ def test_stream_logs_its_configuration_once_and_ssr_neuron_statistics() -> None:
     fit_stream(module, (train, test), callbacks=[ssr], logger=spy, batch_size=8,
                trainer_kwargs={"accelerator": "cpu", "devices": 1, "log_every_n_steps": 1})
     stream_cfg = [p for p in spy.hparams if "stream" in p]
-    assert len(stream_cfg) == 1 and stream_cfg[0]["method_config"]["SynapticScaling"]["scaling_rate"] == 1.0
+    assert len(stream_cfg) == 1 and stream_cfg[0]["method_config"]["SynapticScaling"]["scaling_rate"] == 0.1
     assert len([p for p in spy.hparams if "lr" in p]) == 1  # the module's, once for the three fits
     assert spy.steps == sorted(spy.steps)
     stats = ssr.neuron_statistics()
