@@ -95,9 +95,7 @@ def target_counts(grad: Tensor, channel_dim: int) -> Tensor:
         tensor([0., 0., 1.])
     """
     g = grad.detach()
-    cdim = channel_dim % g.dim()
-    dims = [d for d in range(g.dim()) if d != cdim]
-    return (g < 0).sum(dim=dims).float().div_(max(g.numel() // g.shape[cdim], 1))
+    return _unit_counts(g < 0, channel_dim).div_(max(g.numel() // g.shape[channel_dim % g.dim()], 1))
 
 
 def gradient_reach(grad: Tensor, channel_dim: int) -> Tensor:
@@ -111,10 +109,13 @@ def gradient_reach(grad: Tensor, channel_dim: int) -> Tensor:
         >>> gradient_reach(torch.autograd.functional.jacobian(masked, z), -1)
         tensor([1., 1., 0.])
     """
-    g = grad.detach()
-    cdim = channel_dim % g.dim()
-    dims = [d for d in range(g.dim()) if d != cdim]
-    return (g != 0).sum(dim=dims).clamp_(max=1).float()
+    return _unit_counts(grad.detach() != 0, channel_dim).clamp_(max=1.0)
+
+
+def _unit_counts(mask: Tensor, channel_dim: int) -> Tensor:
+    """How many entries of a boolean ``mask`` are true per unit along ``channel_dim``, in float32."""
+    cdim = channel_dim % mask.dim()
+    return mask.sum(dim=[d for d in range(mask.dim()) if d != cdim]).float()
 
 
 def ema_update(average: Tensor, value: Tensor, steps_seen: int, tau: float) -> Tensor:
