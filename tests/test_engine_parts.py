@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Optional
 
 import pytest
 import torch
@@ -551,30 +553,41 @@ def test_a_recycled_unit_learns_at_once_only_if_its_outgoing_weights_are_kept(ou
 
 
 class _Heads(nn.Module):
-    """A body shared by the tasks and either one shared head or a new head per task (``task``)."""
+    """A body shared by the tasks and either one shared head of ``units`` or a new head per task (``task``)."""
 
-    def __init__(self, own_heads: bool) -> None:
+    def __init__(self, own_heads: bool, units: int = 3) -> None:
         super().__init__()
         self.body = nn.Linear(4, 16)
-        self.heads = nn.ModuleList([nn.Linear(16, 3) for _ in range(3 if own_heads else 1)])
+        self.heads = nn.ModuleList([nn.Linear(16, units) for _ in range(3 if own_heads else 1)])
         self.task = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads[min(self.task, len(self.heads) - 1)](torch.relu(self.body(x)))
 
 
-def _recycled_per_task(own_heads: bool, tasks: int = 3, state_after: int = 0, classes: int = 3, **cfg) -> list[int]:
+def _recycled_per_task(own_heads: bool, tasks: int = 3, state_after: int = 0, classes: int = 3, units: int = 3,
+                       loss: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None, mid_task: bool = False,
+                       **cfg) -> list[int]:
     """Train ``tasks`` short tasks in which body neurons 0-4 never fire, toward the first ``classes`` of
-    the 3 output units; the count recycled after each. With ``state_after=k``, the engine is rebuilt
-    from its ``state_dict`` after task ``k``."""
+    the ``units`` output units (or by ``loss(logits, task)``); the count recycled after each. With
+    ``state_after=k``, the engine is rebuilt from its ``state_dict`` after task ``k`` (with ``mid_task``,
+    after the first step of the task that follows it)."""
     from lightning_ssr.core import SSREngine
 
     torch.manual_seed(0)
-    net = _Heads(own_heads)
+    net = _Heads(own_heads, units)
+    loss = loss or (lambda z, task: nn.functional.cross_entropy(z, torch.arange(8) % classes))
 
     def build() -> SSREngine:
         engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, anchor_lr=None, **cfg))
         engine.attach()
+        return engine
+
+    def rebuild(engine: SSREngine) -> SSREngine:
+        state = engine.state_dict()
+        engine.detach()
+        engine = build()
+        engine.load_state_dict(state)
         return engine
 
     engine, counts = build(), []
@@ -583,17 +596,16 @@ def _recycled_per_task(own_heads: bool, tasks: int = 3, state_after: int = 0, cl
         with torch.no_grad():
             net.body.weight[:5] = -net.body.weight[:5].abs()  # neurons 0-4 are silent on x >= 0
             net.body.bias[:5] = -1.0
-        for _ in range(3):
-            nn.functional.cross_entropy(net(torch.rand(8, 4)), torch.arange(8) % classes).backward()
+        for step in range(3):
+            loss(net(torch.rand(8, 4)), task).backward()
             engine.before_step()
             engine.after_step()
+            if mid_task and task == state_after and step == 0:
+                engine = rebuild(engine)
         engine.consolidate()
         counts.append(engine.layers["body"].recycled)
-        if task + 1 == state_after:
-            state = engine.state_dict()
-            engine.detach()
-            engine = build()
-            engine.load_state_dict(state)
+        if not mid_task and task + 1 == state_after:
+            engine = rebuild(engine)
     return counts
 
 
@@ -619,41 +631,14 @@ def test_no_recycling_after_the_first_task_where_the_head_has_classes_still_to_c
     assert own[0] == 0 and min(own[1:]) >= 5
 
 
-def _recycled_with_heads_in_one_layer(apart: bool, state_after: int = 0) -> list[int]:
-    """Three tasks on a 6-unit output layer: each task's loss on its own 2 units (``apart``: task-incremental
-    heads in one Linear) or over all 6 toward the task's 2 classes (class-incremental); body neurons 0-4
-    never fire. The count recycled after each task; with ``state_after=k`` the engine is rebuilt from
-    its ``state_dict`` in the middle of task ``k``."""
-    from lightning_ssr.core import SSREngine
+def _apart(z: torch.Tensor, task: int) -> torch.Tensor:
+    """Task-incremental heads in one Linear: each task's loss on its own 2 of the units."""
+    return nn.functional.cross_entropy(z[:, 2 * task:2 * task + 2], torch.arange(8) % 2)
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 6))
 
-    def build() -> SSREngine:
-        engine = SSREngine(net, SSRConfig(update_every=1, warmup_steps=0, scaling_rate=0.0, anchor_lr=None))
-        engine.attach()
-        return engine
-
-    engine, counts = build(), []
-    for task in range(3):
-        with torch.no_grad():
-            net[0].weight[:5] = -net[0].weight[:5].abs()
-            net[0].bias[:5] = -1.0
-        for step in range(4):
-            z, y = net(torch.rand(8, 4)), torch.arange(8) % 2
-            loss = nn.functional.cross_entropy(z[:, 2 * task:2 * task + 2], y) if apart else \
-                nn.functional.cross_entropy(z, y + 2 * task)
-            loss.backward()
-            engine.before_step()
-            engine.after_step()
-            if task == state_after and step == 1:  # resumed in the middle of the task
-                state = engine.state_dict()
-                engine.detach()
-                engine = build()
-                engine.load_state_dict(state)
-        engine.consolidate()
-        counts.append(engine.layers["0"].recycled)
-    return counts
+def _class_incremental(z: torch.Tensor, task: int) -> torch.Tensor:
+    """The same head class-incrementally: the loss over every unit, toward the task's 2 classes."""
+    return nn.functional.cross_entropy(z, torch.arange(8) % 2 + 2 * task)
 
 
 def test_heads_in_one_layer_that_each_task_trains_apart_recycle_like_a_head_per_task() -> None:
@@ -662,10 +647,11 @@ def test_heads_in_one_layer_that_each_task_trains_apart_recycle_like_a_head_per_
     Split digits validation, hidden 100: 97.6 % against 96.6 when they read as a class-incremental head)."""
     from lightning_ssr.core.recycling import trained_apart
 
-    apart = _recycled_with_heads_in_one_layer(apart=True)
+    apart = _recycled_per_task(own_heads=False, units=6, loss=_apart)
     assert len(apart) == 3 and min(apart) >= 5
-    assert _recycled_with_heads_in_one_layer(apart=False) == [0, 0, 0]  # classes still to come: as before
-    assert _recycled_with_heads_in_one_layer(apart=True, state_after=1) == apart  # the counts survive a resume
+    assert _recycled_per_task(own_heads=False, units=6, loss=_class_incremental) == [0, 0, 0]  # classes to come
+    # the counts survive a resume in the middle of a task
+    assert _recycled_per_task(own_heads=False, units=6, loss=_apart, state_after=1, mid_task=True) == apart
     head = LayerState("head", nn.Linear(4, 4))
     assert not trained_apart([head])  # nothing sensed (e.g. without output_targets): nothing is read
 
