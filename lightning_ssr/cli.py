@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from lightning_ssr.bench.methods import DEFAULT_METHODS, METHODS
     from lightning_ssr.bench.presets import PRESETS
+    from lightning_ssr.bench.options import MODELS
     from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 
     parser = argparse.ArgumentParser(prog="lightning-ssr", description="Synaptic Scaling Regularization tools.")
@@ -113,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "its samples: PartialBatchPlugin in Avalanche's strategies, PartialBatchScaling beside plain "
                         "Lightning training), so the comparison holds without that difference")
     b.add_argument("--hidden", type=int, default=None,
-                   help="units per hidden layer of the 2-layer MLP (default: 400 for split, 1000 for permuted)")
+                   help="units per hidden layer of the 2-layer MLP, or of the CNN's fully connected layer (default: 400 for split, 1000 for permuted)")
+    b.add_argument("--model", default=None, choices=MODELS,
+                   help="the network every method trains: mlp (van de Ven & Tolias's 2-layer MLP, the default) or cnn "
+                        "(two 3x3 convolutions of 16 and 32 channels with 2x2 max-pooling, then one layer of --hidden "
+                        "units; square one-channel images)")
     b.add_argument("--train-subset", type=int, default=None, help="training samples per task (default: all)")
     b.add_argument("--test-subset", type=int, default=None, help="test samples per task (default: all)")
     b.add_argument("--search-budget", type=int, default=3,
@@ -144,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:  # every option is checked here, before anything heavy is imported
         given = {"dataset": args.dataset, "protocol": args.protocol, "n_tasks": args.tasks, "epochs": args.epochs,
                  "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "hidden": args.hidden,
-                 "pad": args.pad}
+                 "pad": args.pad, "model": args.model}
         given = {k: v for k, v in given.items() if v is not None}  # what the preset (or the defaults) leaves
         if args.methods is not None:
             given["methods"] = args.methods

@@ -88,6 +88,8 @@ def test_partial_batches_all_gives_the_baselines_the_scaling_and_says_so(tmp_pat
         (["--workers", "many"], "argument --workers: must be 'auto' or an int >= 1, got 'many'"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
         (["--tasks", "3"], "`n_tasks` must be one of [2, 5] for protocol='split'"),
+        (["--model", "vgg"], "argument --model: invalid choice: 'vgg'"),
+        (["--model", "cnn", "--methods", "pnn", "--scenario", "task"], "method 'pnn' cannot train the 'cnn' model"),
     ],
 )
 def test_bad_options_give_clear_errors(argv, message, capsys) -> None:
@@ -182,6 +184,28 @@ def test_resolve_methods_adds_the_baselines_of_each_runner() -> None:
     assert [m.name for m in resolve_methods("pnn,ewc", "task")] == ["naive", "ewc", "pnn"]
     names = [m.name for m in resolve_methods("ablations", "domain")]
     assert "ssr-no-scaling" in names and "ssr-no-consolidation" in names and "ssr-plugin" not in names
+    assert "pnn" in [m.name for m in resolve_methods("all", "task")]
+    assert "pnn" not in [m.name for m in resolve_methods("all", "task", model="cnn")]  # it builds its own MLP columns
+
+
+def test_every_method_trains_the_cnn_and_ssr_tracks_its_convolutions(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", "cnn", "--scenario", "task,domain", "--methods", "ewc,lwf,replay,ssr,ssr-plugin",
+            "--out", str(out), "--no-plots", "--search-budget", "1", "--workers", "1", *SMALL]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "task-incremental: CNN 16-32 conv, 32, Adam lr 0.001" in printed
+    from lightning_ssr.bench.models import make_model
+    from lightning_ssr.core.engine import SSREngine
+
+    engine = SSREngine(make_model(64, 32, 10, multi_head=False, model="cnn"))
+    assert list(engine.layers) == ["2", "5", "9"]  # both convolutions and the hidden Linear
+    for scenario in ("task", "domain"):
+        data = json.loads((out / f"digits-split5-{scenario}" / "results.json").read_text())
+        assert data["meta"]["settings"]["model"] == "cnn"
+        assert set(data["runs"]) == {"naive", "naive-lightning", "ewc", "lwf", "replay", "ssr", "ssr-plugin"}
+        for runs in data["runs"].values():
+            assert all(0.0 <= a <= 1.0 for run in runs for row in run["accuracy"] for a in row)
 
 
 def test_state_bytes_counts_what_a_plugin_keeps_beyond_the_model() -> None:

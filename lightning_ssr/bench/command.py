@@ -181,7 +181,7 @@ def run_bench(opts: BenchOptions, logger_factory: Optional[LoggerFactory] = None
         from lightning_ssr.loggers import wandb_logger_factory
 
         logger_factory = wandb_logger_factory(opts.wandb_project, opts.out)
-    plan = {s: resolve_methods(opts.methods, s) for s in opts.scenarios}
+    plan = {s: resolve_methods(opts.methods, s, opts.model) for s in opts.scenarios}
     workers = opts.workers if logger_factory is None else 1  # loggers live in this process
     if workers > 1 and opts.download:
         _check_data(opts)  # one download, before any worker reads the files
@@ -228,8 +228,8 @@ def _run_plan(opts: BenchOptions, plan: dict[str, list[Method]], workers: int, p
         for row in rows:
             row["hyperparameters"] = chosen[row["method"]]
         preset = f" [preset {opts.preset}]" if opts.preset else ""
-        title = (f"{opts.dataset} {opts.protocol} ({n_tasks} tasks), {scenario}-incremental{preset}: MLP "
-                 f"{settings.layers}x{settings.hidden}, Adam lr {settings.lr:g}, {opts.budget}, batch "
+        title = (f"{opts.dataset} {opts.protocol} ({n_tasks} tasks), {scenario}-incremental{preset}: "
+                 f"{settings.network}, Adam lr {settings.lr:g}, {opts.budget}, batch "
                  f"{settings.batch_size}{f', padded by {opts.pad}' if opts.pad else ''}"
                  f"{', the methods without SSR scale partial batches too' if opts.partial_batches_all else ''}, {opts.seeds} seeds (mean ± std)")
         out_dir = out_root / f"{opts.dataset}-{opts.protocol}{n_tasks}-{scenario}"

@@ -64,6 +64,7 @@ class Method:
         grid: hyperparameter candidates, merged over ``base``; the first is the default.
         scenarios: the scenarios it can run in.
         keeps_buffer: whether it stores past samples (replay).
+        models: the networks (``--model``) it can train.
     """
 
     name: str
@@ -74,6 +75,7 @@ class Method:
     grid: tuple[Mapping[str, Any], ...] = ({},)
     scenarios: tuple[str, ...] = SCENARIOS
     keeps_buffer: bool = False
+    models: tuple[str, ...] = ("mlp", "cnn")
 
     @property
     def baseline(self) -> str:
@@ -112,7 +114,8 @@ METHODS: dict[str, Method] = {
                ({"alpha": 1.0}, {"alpha": 10.0}, {"alpha": 0.1}, {"alpha": 3.0})),
         Method("replay", "avalanche", "Avalanche ReplayPlugin (a buffer of past samples)", "replay", {},
                _REPLAY_GRID, keeps_buffer=True),
-        Method("pnn", "avalanche", "Avalanche PNNStrategy (a new column per task)", scenarios=("task",)),
+        Method("pnn", "avalanche", "Avalanche PNNStrategy (a new column per task)", scenarios=("task",),
+               models=("mlp",)),
         Method("joint", "avalanche", "upper bound: Avalanche's Cumulative strategy, each task trained on the union of "
                "every task so far, the last on all at once (van de Ven & Tolias 2019's offline)", keeps_buffer=True),
         _ssr("ssr", "SSR: the SynapticScaling Lightning callback"),
@@ -169,14 +172,15 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
-def resolve_methods(names: str, scenario: str) -> list[Method]:
-    """Parse ``--methods`` (comma-separated names, ``all``, ``ablations``) for a scenario.
+def resolve_methods(names: str, scenario: str, model: str = "mlp") -> list[Method]:
+    """Parse ``--methods`` (comma-separated names, ``all``, ``ablations``) for a scenario and a network
+    (``--model``); ``all`` names every method that can run both.
 
     The naive baseline of each runner used is added, so that every time ratio has its baseline in
     the same run.
 
     Raises:
-        ValueError: an unknown method, or one that cannot run in ``scenario``.
+        ValueError: an unknown method, or one that cannot run in ``scenario`` or train ``model``.
 
     Example:
         >>> [m.name for m in resolve_methods("ewc,ssr", "domain")]
@@ -185,6 +189,10 @@ def resolve_methods(names: str, scenario: str) -> list[Method]:
         Traceback (most recent call last):
         ...
         ValueError: method 'pnn' cannot run in the 'class' scenario (it needs one of ['task'])
+        >>> resolve_methods("pnn", "task", model="cnn")
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'pnn' cannot train the 'cnn' model (it needs one of ['mlp'])
     """
     if not isinstance(names, str) or not names.strip():
         raise ValueError(f"`methods` must be comma-separated method names, got {names!r}")
@@ -192,7 +200,7 @@ def resolve_methods(names: str, scenario: str) -> list[Method]:
     for raw in names.split(","):
         name = raw.strip()
         if name == ALL:
-            wanted += [n for n, m in METHODS.items() if scenario in m.scenarios]
+            wanted += [n for n, m in METHODS.items() if scenario in m.scenarios and model in m.models]
         elif name == ABLATIONS:
             wanted += ["ssr"] + [n for n in METHODS if n.startswith("ssr-") and n not in _NOT_ABLATIONS]
         elif name not in METHODS:
@@ -202,6 +210,8 @@ def resolve_methods(names: str, scenario: str) -> list[Method]:
                 raise ValueError(
                     f"method {name!r} cannot run in the {scenario!r} scenario (it needs one of {list(METHODS[name].scenarios)})"
                 )
+            if model not in METHODS[name].models:
+                raise ValueError(f"method {name!r} cannot train the {model!r} model (it needs one of {list(METHODS[name].models)})")
             wanted.append(name)
     runners = {METHODS[n].runner for n in wanted}
     baselines = [b for b in ("naive", "naive-lightning") if METHODS[b].runner in runners]

@@ -10,7 +10,10 @@ from lightning_ssr.bench.methods import DEFAULT_METHODS, resolve_methods
 from lightning_ssr.bench.presets import PRESETS
 from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 
-__all__ = ["BenchOptions", "available_cores"]
+__all__ = ["MODELS", "BenchOptions", "available_cores"]
+
+#: The networks ``lightning-ssr bench --model`` offers: van de Ven & Tolias's MLP, or a small CNN.
+MODELS: tuple[str, ...] = ("mlp", "cnn")
 
 
 def available_cores() -> int:
@@ -39,6 +42,7 @@ class BenchOptions:
     batch_size: int = 32
     lr: float = 1e-3
     hidden: Optional[int] = None
+    model: str = "mlp"
     data_dir: Optional[str] = None
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
@@ -71,7 +75,8 @@ class BenchOptions:
         return cls(**{**PRESETS[preset].options, **changes, "preset": preset})
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("dataset", self.dataset, DATASETS), ("protocol", self.protocol, PROTOCOLS)):
+        for name, value, allowed in (("dataset", self.dataset, DATASETS), ("protocol", self.protocol, PROTOCOLS),
+                                     ("model", self.model, MODELS)):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
         if isinstance(self.scenarios, str):
@@ -101,7 +106,7 @@ class BenchOptions:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}")
         for s in self.scenarios:
-            resolve_methods(self.methods, s)  # unknown methods and impossible scenarios fail here
+            resolve_methods(self.methods, s, self.model)  # unknown methods, impossible scenarios or models fail here
 
     @property
     def hidden_units(self) -> int:

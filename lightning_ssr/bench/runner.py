@@ -92,7 +92,7 @@ def _model(bench: ContinualBenchmark, s: RunSettings, method: Method) -> nn.Modu
         from avalanche.models import PNN
 
         return PNN(num_layers=s.layers, in_features=bench.input_size, hidden_features_per_column=s.hidden)
-    return make_model(bench.input_size, s.hidden, bench.n_classes, bench.multi_head, s.layers)
+    return make_model(bench.input_size, s.hidden, bench.n_classes, bench.multi_head, s.layers, s.model)
 
 
 def _plugin(method: Method, hp: Mapping[str, Any]) -> list[Any]:
