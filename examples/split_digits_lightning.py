@@ -3,12 +3,15 @@
 scikit-learn's handwritten digits (embedded, no download) in 5 tasks of 2 classes; one fresh
 ``Trainer`` per task with the same ``SynapticScaling`` callback, so its per-neuron state carries
 from task to task. Prints the accuracy matrix and the summary (average accuracy, forgetting,
-backward transfer) of each method. Runs in seconds on a CPU.
+backward transfer) of each method. The network and budget are the benchmark's on digits
+(``lightning-ssr bench``: van de Ven & Tolias's MLP 2x400, 5 epochs a task, batch 32, Adam 1e-3);
+under half a minute per scenario on one CPU thread.
 
     python examples/split_digits_lightning.py                     # domain-incremental (default)
     python examples/split_digits_lightning.py --scenario task     # a head per task, task labels given
     python examples/split_digits_lightning.py --scenario class --optimizer-state reset
     python examples/split_digits_lightning.py --method ssr --json ssr.json --ckpt-dir ckpt/
+    python examples/split_digits_lightning.py --scenario task --hidden 100 --epochs 3  # where SSR trails (README)
 """
 
 from __future__ import annotations
@@ -55,10 +58,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="domain", choices=["task", "domain", "class"])
     parser.add_argument("--method", default="both", choices=["both", "ssr", "naive"])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--hidden", type=int, default=100)
+    parser.add_argument("--hidden", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizer-state", default="carry", choices=["carry", "reset"],
                         help="carry Adam's state across tasks (as Avalanche does) or start each task fresh")
