@@ -87,16 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_warnings()
     torch.set_flush_denormal(True)  # as the bench does for every method
     val, s = STREAMS[args.stream].validation()
-    fit_stream = runner.fit_stream
     for name in methods:
         print(f"{args.stream}, {'plain training' if name == 'naive' else 'SSR ' + args.config}, seed {args.seed}",
               flush=True)
-        runner.fit_stream = lambda *a, callbacks=None, **k: fit_stream(*a, callbacks=[*(callbacks or []), printer()], **k)
-        try:
-            method = METHODS["naive-lightning"] if name == "naive" else Method("ssr", "lightning", "SSR")
-            r = runner.run_method(method, {} if name == "naive" else json.loads(args.config), val, s, args.seed)
-        finally:
-            runner.fit_stream = fit_stream
+        method = METHODS["naive-lightning"] if name == "naive" else Method("ssr", "lightning", "SSR")
+        r = runner.run_method(method, {} if name == "naive" else json.loads(args.config), val, s, args.seed,
+                              extra_callbacks=[printer()])
         print(f"average accuracy {100 * r.average_accuracy:.1f} %, plasticity {100 * r.plasticity:.1f} %", flush=True)
     return 0
 

@@ -188,6 +188,27 @@ def test_resolve_methods_adds_the_baselines_of_each_runner() -> None:
     assert "pnn" not in [m.name for m in resolve_methods("all", "task", model="cnn")]  # it builds its own MLP columns
 
 
+def test_extra_callbacks_join_a_lightning_run_and_are_refused_for_an_avalanche_one() -> None:
+    import lightning.pytorch as pl
+
+    from lightning_ssr.bench.methods import METHODS
+    from lightning_ssr.bench.runner import RunSettings, run_method
+    from lightning_ssr.data import make_benchmark
+
+    class Count(pl.Callback):
+        fits = 0
+
+        def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            Count.fits += 1
+
+    bench = make_benchmark("digits", "split", "domain", seed=0, train_subset=20, test_subset=10)
+    s = RunSettings(hidden=8, epochs=1, batch_size=10)
+    run_method(METHODS["ssr"], {}, bench, s, seed=0, extra_callbacks=[Count()])
+    assert Count.fits == bench.n_tasks
+    with pytest.raises(ValueError, match=r"`extra_callbacks` are Lightning callbacks, but method 'ewc' runs in Avalanche"):
+        run_method(METHODS["ewc"], {}, bench, s, seed=0, extra_callbacks=[Count()])
+
+
 def test_every_method_trains_the_cnn_and_ssr_tracks_its_convolutions(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench"
     argv = ["bench", "--model", "cnn", "--scenario", "task,domain", "--methods", "ewc,lwf,replay,ssr,ssr-plugin",

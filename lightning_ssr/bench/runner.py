@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -219,8 +219,10 @@ def _first_column_bytes(pnn: nn.Module) -> int:
 
 
 def run_lightning(method: Method, hp: Mapping[str, Any], bench: ContinualBenchmark, s: RunSettings,
-                  seed: int, tick: Optional[Tick] = None, logger: Any = None) -> StreamResult:
-    """Train a LightningModule over the stream with the stream runner (SSR as the callback)."""
+                  seed: int, tick: Optional[Tick] = None, logger: Any = None,
+                  extra_callbacks: Sequence[Any] = ()) -> StreamResult:
+    """Train a LightningModule over the stream with the stream runner (SSR as the callback), with
+    ``extra_callbacks`` after the method's own (e.g. a probe that prints after each task)."""
     import lightning.pytorch as pl
 
     from lightning_ssr import SynapticScaling
@@ -247,7 +249,7 @@ def run_lightning(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
         from lightning_ssr.loggers import SSRWandbHistograms
 
         callbacks.append(SSRWandbHistograms(ssr))  # logs only to W&B loggers, else does nothing
-    callbacks.append(_Tick())
+    callbacks += [*extra_callbacks, _Tick()]
     result = fit_stream(
         module, bench, callbacks=callbacks, logger=logger, epochs=s.max_epochs, batch_size=s.batch_size,
         eval_batch_size=s.eval_batch_size, seed=seed, method=method.name, method_config=dict(hp),
@@ -260,8 +262,15 @@ def run_lightning(method: Method, hp: Mapping[str, Any], bench: ContinualBenchma
 
 
 def run_method(method: Method, hp: Mapping[str, Any], bench: ContinualBenchmark, s: RunSettings, seed: int,
-               tick: Optional[Tick] = None, logger: Any = None) -> StreamResult:
-    """Run ``method`` with hyperparameters ``hp`` through its runner."""
+               tick: Optional[Tick] = None, logger: Any = None, extra_callbacks: Sequence[Any] = ()) -> StreamResult:
+    """Run ``method`` with hyperparameters ``hp`` through its runner.
+
+    Raises:
+        ValueError: ``extra_callbacks`` (Lightning callbacks) for a method of the Avalanche runner.
+    """
     if method.runner == "avalanche":
+        if extra_callbacks:
+            raise ValueError(f"`extra_callbacks` are Lightning callbacks, but method {method.name!r} runs in Avalanche; "
+                             f"got {list(extra_callbacks)!r}")
         return run_avalanche(method, hp, bench, s, seed, tick, loggers=[logger] if logger is not None else None)
-    return run_lightning(method, hp, bench, s, seed, tick, logger)
+    return run_lightning(method, hp, bench, s, seed, tick, logger, extra_callbacks)
