@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from lightning_ssr.bench.methods import DEFAULT_METHODS, METHODS
     from lightning_ssr.bench.presets import PRESETS
-    from lightning_ssr.bench.options import MODELS
+    from lightning_ssr.bench.options import CNN_CHANNELS, MODELS
     from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 
     parser = argparse.ArgumentParser(prog="lightning-ssr", description="Synaptic Scaling Regularization tools.")
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="units per hidden layer of the 2-layer MLP, or of the CNN's fully connected layer (default: 400 for split, 1000 for permuted)")
     b.add_argument("--model", default=None, choices=MODELS,
                    help="the network every method trains: mlp (van de Ven & Tolias's 2-layer MLP, the default) or cnn "
-                        "(two 3x3 convolutions of 16 and 32 channels with 2x2 max-pooling, then one layer of --hidden "
+                        f"(two 3x3 convolutions of {CNN_CHANNELS[0]} and {CNN_CHANNELS[1]} channels with 2x2 max-pooling, then one layer of --hidden "
                         "units; square one-channel images)")
     b.add_argument("--train-subset", type=int, default=None, help="training samples per task (default: all)")
     b.add_argument("--test-subset", type=int, default=None, help="test samples per task (default: all)")

@@ -7,7 +7,7 @@ import math
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch import Tensor, nn
 
-from lightning_ssr.bench.options import MODELS
+from lightning_ssr.bench.options import CNN_CHANNELS, MODELS
 
 __all__ = ["MultiHeadNet", "MultiHeadMLP", "mlp_body", "cnn_body", "make_body", "make_model"]
 
@@ -33,7 +33,7 @@ def mlp_body(in_features: int, hidden: int, layers: int = 2) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-def cnn_body(in_features: int, hidden: int, channels: tuple[int, int] = (16, 32)) -> nn.Sequential:
+def cnn_body(in_features: int, hidden: int, channels: tuple[int, int] = CNN_CHANNELS) -> nn.Sequential:
     """A small CNN over square one-channel images of ``in_features`` pixels: two 3x3 convolutions
     (``channels``, ReLU, 2x2 max-pooling each) and one fully connected ReLU layer of ``hidden`` units.
 

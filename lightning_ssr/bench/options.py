@@ -10,10 +10,12 @@ from lightning_ssr.bench.methods import DEFAULT_METHODS, resolve_methods
 from lightning_ssr.bench.presets import PRESETS
 from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS
 
-__all__ = ["MODELS", "BenchOptions", "available_cores"]
+__all__ = ["CNN_CHANNELS", "MODELS", "BenchOptions", "available_cores"]
 
 #: The networks ``lightning-ssr bench --model`` offers: van de Ven & Tolias's MLP, or a small CNN.
 MODELS: tuple[str, ...] = ("mlp", "cnn")
+#: The channels of the CNN's two convolutions (``--model cnn``), named in its tables and help.
+CNN_CHANNELS: tuple[int, int] = (16, 32)
 
 
 def available_cores() -> int:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from lightning_ssr.bench.options import BenchOptions
+from lightning_ssr.bench.options import CNN_CHANNELS, BenchOptions
 
 __all__ = ["RunSettings", "settings_of"]
 
@@ -43,7 +43,9 @@ class RunSettings:
             >>> RunSettings().network, RunSettings(model="cnn", hidden=100).network
             ('MLP 2x400', 'CNN 16-32 conv, 100')
         """
-        return f"MLP {self.layers}x{self.hidden}" if self.model == "mlp" else f"CNN 16-32 conv, {self.hidden}"
+        if self.model == "mlp":
+            return f"MLP {self.layers}x{self.hidden}"
+        return f"CNN {'-'.join(map(str, CNN_CHANNELS))} conv, {self.hidden}"
 
     @property
     def max_epochs(self) -> int:
