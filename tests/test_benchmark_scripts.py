@@ -113,3 +113,23 @@ def test_hidden_activity_prints_each_hidden_layer_after_each_task() -> None:
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, "benchmarks/hidden_activity.py", "--methods", "ewc"], cwd=ROOT, check=True,
                        capture_output=True)
+
+
+def test_stream_overhead_times_plain_an_empty_callback_and_each_ssr_setting() -> None:
+    out = run_script("benchmarks/stream_overhead.py", "--repeats", "1", "--epochs", "1",
+                     "--variants", '{"every 4th": {"protect_every": 4}}')
+    rows = dict(re.findall(r"^(.+?)\s+(\d+\.\d{3})\s+\d+\.\d{3} \[", out, flags=re.M))
+    assert list(rows) == ["plain training (naive-lightning)", "plain training + an empty callback", "every 4th"], out
+    assert all(float(v) > 0 for v in rows.values()), out
+    assert re.search(r"^plain training \(naive-lightning\)\s+\d+\.\d{3}\s+1\.000 \[1\.000-1\.000\]$", out, re.M), out
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("[1]", "`--variants` must be a JSON object"),
+    ('{"x": {"protect_every": 0}}', "protect_every"),
+    ('{"x": {"no_such_option": 1}}', "no_such_option"),
+])
+def test_stream_overhead_refuses_bad_variants_by_name(variants: str, message: str) -> None:
+    out = subprocess.run([sys.executable, "benchmarks/stream_overhead.py", "--variants", variants], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
