@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -332,3 +333,60 @@ def test_with_workers_the_main_process_imports_neither_lightning_nor_avalanche(t
     assert out.returncode == 0, out.stderr[-3000:]
     assert "heavy ['sklearn']" in out.stdout, out.stdout  # the digits' loader, for the data check
     assert 0.0 <= float(out.stdout.split("acc ")[1].split()[0]) <= 1.0
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, read from ``/proc``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_workers_end_soon_after_the_main_process_is_killed(tmp_path: Path) -> None:
+    """SIGTERM ends the main process before it can stop its pool: the workers must not run their jobs
+    (here about a minute each) to the end."""
+    import signal
+    import time
+
+    main_proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_ssr.cli", "bench", "--workers", "2", "--methods", "ssr", "--scenario", "task",
+         "--seeds", "30", "--no-plots", "--no-progress", "--out", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            workers = _children(main_proc.pid)
+        assert len(workers) >= 2, f"no workers started: {workers}"
+        time.sleep(5)  # past their start: importing torch, a job begun
+        assert main_proc.poll() is None and all(_alive(w) for w in workers)
+        main_proc.send_signal(signal.SIGTERM)
+        main_proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(_alive(w) for w in workers), "workers outlived the killed main process"
+    finally:
+        main_proc.kill()
+        for w in _children(main_proc.pid) + [w for w in locals().get("workers", []) if _alive(w)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, 9)

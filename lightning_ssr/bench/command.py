@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import platform
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -111,7 +113,7 @@ def _start_workers(opts: BenchOptions, plan: dict[str, list[Method]], workers: i
 
     threads = _worker_threads(workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(opts, threads))
+                               initargs=(opts, threads, os.getpid()))
     order = sorted(((s, m) for s, methods in plan.items() for m in methods),
                    key=lambda job: (job[1].baseline != job[1].name, -len(job[1].candidates(opts.search_budget))))
     return pool, {pool.submit(_method_job, s, m.name): (s, m) for s, m in order}
@@ -129,11 +131,38 @@ def _check_data(opts: BenchOptions) -> None:
     load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)
 
 
-def _init_worker(opts: BenchOptions, threads: int) -> None:
+def _init_worker(opts: BenchOptions, threads: int, parent: int) -> None:
     """A worker's start (here, so that the pool starts before this process imports torch)."""
+    exit_with_parent(parent)
     from lightning_ssr.bench.workers import init_worker
 
     init_worker(opts, threads)
+
+
+def exit_with_parent(parent: int, period: float = 1.0) -> threading.Thread:
+    """End this process within about ``period`` seconds of process ``parent`` ending.
+
+    A bench worker otherwise outlives a main process that was killed (``SIGTERM`` from ``kill``,
+    ``timeout`` or a job scheduler, which ends it before it can stop its pool): it would run its
+    current job, minutes on the larger streams, to the end. A daemon thread checks the parent's
+    process id once per ``period`` and exits the process (``os._exit``) once it changed.
+
+    Returns:
+        The watching thread (started).
+
+    Example:
+        A pool's initializer, given the main process's id in ``initargs``::
+
+            ProcessPoolExecutor(2, initializer=exit_with_parent, initargs=(os.getpid(),))
+    """
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def _method_job(scenario: str, name: str) -> tuple[dict, list, list[StreamResult]]:
