@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> None:
           f"training CPU time of one stream (seed 0), {args.repeats} interleaved repeats, 1 thread, denormals "
           f"{'flushed' if flushed else 'not flushed (unsupported CPU)'}; {time.perf_counter() - start:.0f} s")
     width = max(len(label) for label in runs)
-    print(f"{'setting':{width}}  CPU s  ratio to plain, median [range]")
+    print(f"{'setting':{width}}    CPU s  ratio to plain, median [range]")
     for label in runs:
         r = ratios[label]
-        print(f"{label:{width}}  {statistics.median(times[label]):5.3f}  {statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}]")
+        print(f"{label:{width}}  {statistics.median(times[label]):7.3f}  {statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}]")
 
 
 if __name__ == "__main__":
