@@ -52,7 +52,8 @@ def parse_variants(text: str | None) -> dict[str, dict[str, Any]]:
     """``--variants`` as ``{label: SSRConfig keyword arguments}``, each checked by building its ``SSRConfig``.
 
     Raises:
-        ValueError: not a JSON object of objects, or a setting ``SSRConfig`` refuses (its own message).
+        ValueError: not a JSON object of objects, a label of a baseline row, or a setting ``SSRConfig``
+            refuses (its own message, after the label).
 
     Example:
         >>> parse_variants('{"every 4th": {"protect_every": 4}}')
@@ -73,6 +74,8 @@ def parse_variants(text: str | None) -> dict[str, dict[str, Any]]:
     if not isinstance(variants, dict) or not variants or not all(isinstance(v, dict) for v in variants.values()):
         raise ValueError(f"`--variants` must be a JSON object of {{label: {{SSRConfig argument: value}}}}, got {text!r}")
     for label, kwargs in variants.items():
+        if label in (PLAIN, EMPTY):
+            raise ValueError(f"`--variants`: the label {label!r} is taken by a baseline row; name the setting otherwise")
         try:
             SSRConfig(**kwargs)
         except (TypeError, ValueError) as err:  # an unknown argument or a value out of range

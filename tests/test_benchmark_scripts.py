@@ -128,6 +128,7 @@ def test_stream_overhead_times_plain_an_empty_callback_and_each_ssr_setting() ->
     ("[1]", "`--variants` must be a JSON object"),
     ('{"x": {"protect_every": 0}}', "protect_every"),
     ('{"x": {"no_such_option": 1}}', "no_such_option"),
+    ('{"plain training (naive-lightning)": {}}', "is taken by a baseline row"),
 ])
 def test_stream_overhead_refuses_bad_variants_by_name(variants: str, message: str) -> None:
     out = subprocess.run([sys.executable, "benchmarks/stream_overhead.py", "--variants", variants], cwd=ROOT,

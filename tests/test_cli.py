@@ -370,9 +370,9 @@ def test_workers_end_soon_after_the_main_process_is_killed(tmp_path: Path) -> No
         [sys.executable, "-m", "lightning_ssr.cli", "bench", "--workers", "2", "--methods", "ssr", "--scenario", "task",
          "--seeds", "30", "--no-plots", "--no-progress", "--out", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        workers: list[int] = []
         while len(workers) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
             workers = _children(main_proc.pid)
@@ -387,6 +387,6 @@ def test_workers_end_soon_after_the_main_process_is_killed(tmp_path: Path) -> No
         assert not any(_alive(w) for w in workers), "workers outlived the killed main process"
     finally:
         main_proc.kill()
-        for w in _children(main_proc.pid) + [w for w in locals().get("workers", []) if _alive(w)]:
+        for w in _children(main_proc.pid) + [w for w in workers if _alive(w)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w, 9)

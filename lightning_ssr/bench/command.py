@@ -133,13 +133,13 @@ def _check_data(opts: BenchOptions) -> None:
 
 def _init_worker(opts: BenchOptions, threads: int, parent: int) -> None:
     """A worker's start (here, so that the pool starts before this process imports torch)."""
-    exit_with_parent(parent)
+    _exit_with_parent(parent)
     from lightning_ssr.bench.workers import init_worker
 
     init_worker(opts, threads)
 
 
-def exit_with_parent(parent: int, period: float = 1.0) -> threading.Thread:
+def _exit_with_parent(parent: int, period: float = 1.0) -> threading.Thread:
     """End this process within about ``period`` seconds of process ``parent`` ending.
 
     A bench worker otherwise outlives a main process that was killed (``SIGTERM`` from ``kill``,
@@ -153,7 +153,7 @@ def exit_with_parent(parent: int, period: float = 1.0) -> threading.Thread:
     Example:
         A pool's initializer, given the main process's id in ``initargs``::
 
-            ProcessPoolExecutor(2, initializer=exit_with_parent, initargs=(os.getpid(),))
+            ProcessPoolExecutor(2, initializer=_exit_with_parent, initargs=(os.getpid(),))
     """
     def watch() -> None:
         while os.getppid() == parent:
