@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_ssr.bench.options import BenchOptions  # noqa: E402  (no torch: --help and argument errors stay fast)
+from lightning_ssr.data.names import DATASETS, PROTOCOLS, SCENARIOS  # noqa: E402
 
 #: The settings measured by default: the library's defaults, then parts switched off, down to an SSR
 #: whose every part is off (the callback's bookkeeping alone).
@@ -85,12 +86,13 @@ def parse_variants(text: str | None) -> dict[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits", choices=["digits", "fmnist", "mnist"])
-    parser.add_argument("--protocol", default="split", choices=["split", "permuted"])
-    parser.add_argument("--scenario", default="domain", choices=["task", "domain", "class"])
+    bench_defaults = BenchOptions()
+    parser.add_argument("--dataset", default=bench_defaults.dataset, choices=DATASETS)
+    parser.add_argument("--protocol", default=bench_defaults.protocol, choices=PROTOCOLS)
+    parser.add_argument("--scenario", default="domain", choices=SCENARIOS)
     parser.add_argument("--tasks", type=int, default=None, help="the stream's tasks (default: the bench's)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=bench_defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=bench_defaults.batch_size)
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--test-subset", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (the median is printed)")
@@ -110,14 +112,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from lightning_ssr.bench.command import quiet_warnings
     from lightning_ssr.bench.methods import METHODS
-    from lightning_ssr.bench.options import BenchOptions
     from lightning_ssr.bench.runner import run_method
     from lightning_ssr.bench.settings import settings_of
     from lightning_ssr.bench.workers import benchmark_of, flush_denormals
 
     quiet_warnings()
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     flushed = flush_denormals()
     opts = BenchOptions(dataset=args.dataset, protocol=args.protocol, n_tasks=args.tasks, epochs=args.epochs,
